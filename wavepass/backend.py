@@ -1,0 +1,70 @@
+"""The `wavespeed` torch.compile backend: First Block Cache and Inductor in one compile step.
+
+    torch.compile(model, backend="wavespeed", options={...})
+        -> Dynamo graph -> find_blocks -> partition -> head | rest | tail
+        -> each piece compiled by Inductor -> CachedProgram (runtime.py)
+
+Graphs the cache cannot handle (no repeated blocks, a cut it cannot prove correct, grad
+mode) are compiled whole, as `backend="inductor"` would, after one warning per reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+from .compilers import compile_graph, plain_fallback
+from .options import CacheOptions
+from .passes.errors import CannotCache
+from .passes.find_blocks import find_blocks
+from .passes.fx_facts import example_value
+from .passes.partition import CachedPartition, Piece, partition
+from .runtime import CachedProgram, Wiring
+
+
+def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+              mode: str | None = None) -> Any:
+    """Dynamo backend entry point (registered as "wavespeed")."""
+    opts = CacheOptions.from_dict(options)
+    if torch.is_grad_enabled():
+        return plain_fallback(gm, example_inputs, opts, mode,
+                              "grad mode is on (training, or a call outside torch.no_grad()), "
+                              "where cached steps would have no gradient")
+    try:
+        part = partition(gm, find_blocks(gm))
+    except CannotCache as exc:
+        return plain_fallback(gm, example_inputs, opts, mode, str(exc))
+    wiring = _wiring(part, example_inputs)
+    head, rest, tail = (
+        compile_graph(piece.gm, [example_value(n) for n in piece.inputs], opts, mode, name)
+        for piece, name in ((part.head, "head"), (part.rest, "rest"), (part.tail, "tail"))
+    )
+    description = (f"blocks {part.layout.describe()}, {len(part.streams)} cached stream(s), "
+                   f"decided on `{part.main.source.name}`")
+    return CachedProgram(head, rest, tail, wiring, opts, description)
+
+
+def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:
+    slots: dict[Node, int] = {node: i for i, node in enumerate(part.placeholders)}
+
+    def slot(node: Node) -> int:
+        return slots.setdefault(node, len(slots))
+
+    def read(piece: Piece) -> tuple[int, ...]:
+        return tuple(slot(n) for n in piece.inputs)
+
+    def write(piece: Piece) -> tuple[int, ...]:
+        return tuple(slot(n) for n in piece.outputs)
+
+    head_out, rest_out = write(part.head), write(part.rest)
+    wiring = dict(
+        head_in=read(part.head), head_out=head_out, rest_in=read(part.rest), rest_out=rest_out,
+        tail_in=read(part.tail),
+        streams=tuple((slot(s.source), slot(s.result)) for s in part.streams),
+    )
+    parameters = tuple(i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter))
+    activations = tuple(i for i in range(len(example_inputs)) if i not in set(parameters))
+    return Wiring(num_slots=len(slots), parameters=parameters, activations=activations, **wiring)

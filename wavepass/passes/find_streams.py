@@ -1,0 +1,179 @@
+"""Pair each tensor that leaves a run of blocks with the stream it continues.
+
+A transformer block updates its streams through residual connections (`x = x + f(x)`), so
+the value a stream ends with is reachable from the value it started with along *identity
+paths*: additions (either same-shaped operand), the first operand of a subtraction, dtype
+casts, copies, clamps, and slices of concatenations (FLUX's single blocks concatenate the
+text and image streams and split them again: the slice `h[:, T:]` of `cat([txt, img])`
+leads back to `img`, not `txt`).
+
+    rest of the blocks                         trace_stream(out, candidates=[img0, txt0])
+    ------------------------------------       ------------------------------------------
+    h   = cat([txt0, img0], dim=1)             out -> getitem(h2, [:, T:])
+    h2  = h + gate * proj(attn(h))             h2 = add(h, ...) -> h[:, T:]
+    out = h2[:, T:]                            h  = cat(...)[:, T:] -> img0   => img0
+
+A pass uses this to know which first-block output a cached residual belongs to. Nothing
+here changes the graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Collection, Set
+from typing import NamedTuple
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .fx_facts import example_value, same_shape
+
+_ADD = frozenset({operator.add, operator.iadd, torch.add})
+_SUB = frozenset({operator.sub, operator.isub, torch.sub})
+_CAT = frozenset({torch.cat, torch.concat, torch.concatenate})
+_CLAMP = frozenset({torch.clamp, torch.clip})
+# Methods that return their input, or a copy or cast of it, element for element.
+_SAME_VALUE_METHODS = frozenset(
+    {"add", "add_", "sub", "sub_", "clone", "contiguous", "to", "float", "half", "bfloat16",
+     "double", "type", "type_as", "clamp", "clamp_", "clip", "clip_"}
+)
+
+
+class _Region(NamedTuple):
+    """The slice `[start:stop]` along `dim` of a value; `None` stands for the whole value."""
+
+    dim: int
+    start: int
+    stop: int
+
+
+def trace_stream(value: Node, candidates: Collection[Node], within: Set[Node]) -> Node | None:
+    """The latest candidate (in graph order) that `value` continues along an identity path.
+
+    The search walks back from `value` through the nodes in `within` only; it returns
+    None when no candidate is reachable.
+    """
+    order = {node: i for i, node in enumerate(value.graph.nodes)}
+    found: set[Node] = set()
+    seen: set[tuple[Node, _Region | None]] = set()
+    todo: list[tuple[Node, _Region | None]] = [(value, None)]
+    wanted = set(candidates)
+    while todo:
+        node, region = todo.pop()
+        if (node, region) in seen:
+            continue
+        seen.add((node, region))
+        if node in wanted and region is None:
+            found.add(node)
+            continue
+        if node not in within:
+            continue
+        todo.extend(_identity_sources(node, region))
+    return max(found, key=order.__getitem__, default=None)
+
+
+def _identity_sources(node: Node, region: _Region | None) -> list[tuple[Node, _Region | None]]:
+    """The inputs of `node` whose values pass through it unchanged (with their regions)."""
+    target, args = node.target, node.args
+    is_method = node.op == "call_method"
+    if node.op == "call_function" and target is operator.getitem:
+        return _through_slice(node, region)
+    if node.op == "call_function" and target in _CAT:
+        return _through_cat(node, region)
+    if not args or not isinstance(args[0], Node):
+        return []
+    name = target if is_method else None
+    if (node.op == "call_function" and target in _ADD) or name in ("add", "add_"):
+        operands = [a for a in args[:2] if isinstance(a, Node)]
+        return [(a, region) for a in operands if same_shape(a, node)]
+    if (node.op == "call_function" and target in (_SUB | _CLAMP)) or name in _SAME_VALUE_METHODS:
+        source = args[0]
+        return [(source, region)] if _same_extent(source, node) else []
+    return []
+
+
+def _same_extent(a: Node, b: Node) -> bool:
+    va, vb = example_value(a), example_value(b)
+    return (
+        isinstance(va, torch.Tensor)
+        and isinstance(vb, torch.Tensor)
+        and va.dim() == vb.dim()
+        and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+    )
+
+
+def _through_slice(node: Node, region: _Region | None) -> list[tuple[Node, _Region | None]]:
+    """`source[..., a:b, ...]`: the region of `source` that this slice reads."""
+    source, index = node.args
+    source_value = example_value(source) if isinstance(source, Node) else None
+    if not isinstance(source_value, torch.Tensor):
+        return []
+    index = index if isinstance(index, tuple) else (index,)
+    if any(i is Ellipsis or i is None for i in index) or not all(isinstance(i, slice) for i in index):
+        return []
+    sliced = [(d, i) for d, i in enumerate(index) if i != slice(None)]
+    if len(sliced) != 1:
+        return []
+    dim, piece = sliced[0]
+    size = _static_int(source_value.shape[dim])
+    bounds = _bounds(piece, size)
+    if bounds is None:
+        return []
+    start, stop = bounds
+    if region is not None:
+        if region.dim != dim:
+            return []
+        start, stop = start + region.start, start + region.stop
+    return [(source, _whole_or(_Region(dim, start, stop), size))]
+
+
+def _through_cat(node: Node, region: _Region | None) -> list[tuple[Node, _Region | None]]:
+    """`cat(parts, dim)` seen through a region: the one part that holds all of the region."""
+    if region is None:
+        return []
+    parts = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    value = example_value(node)
+    if not isinstance(value, torch.Tensor) or dim % value.dim() != region.dim:
+        return []
+    offset = 0
+    for part in parts:
+        part_value = example_value(part) if isinstance(part, Node) else None
+        if not isinstance(part_value, torch.Tensor):
+            return []
+        size = _static_int(part_value.shape[region.dim])
+        if size is None:
+            return []
+        if offset <= region.start and region.stop <= offset + size:
+            inner = _Region(region.dim, region.start - offset, region.stop - offset)
+            return [(part, _whole_or(inner, size))]
+        offset += size
+    return []
+
+
+def _static_int(size) -> int | None:
+    try:
+        return int(size)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+
+
+def _bounds(piece: slice, size: int | None) -> tuple[int, int] | None:
+    if piece.step not in (None, 1) or size is None:
+        return None
+    start = piece.start if piece.start is not None else 0
+    stop = piece.stop if piece.stop is not None else size
+    if isinstance(start, Node) or isinstance(stop, Node):
+        start, stop = _static_int(_node_int(start)), _static_int(_node_int(stop))
+        if start is None or stop is None:
+            return None
+    return slice(start, stop).indices(size)[:2]
+
+
+def _node_int(value):
+    return example_value(value) if isinstance(value, Node) else value
+
+
+def _whole_or(region: _Region, size: int | None) -> _Region | None:
+    return None if (region.start == 0 and region.stop == size) else region

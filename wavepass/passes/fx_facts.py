@@ -1,0 +1,109 @@
+"""Small read-only facts about FX nodes, shared by the passes.
+
+Nothing here changes a graph: each function answers one question about a node of a Dynamo
+graph (which module called it, what value it holds, whether it writes to its input).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import NamedTuple
+
+import torch
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+# Tokens of a Dynamo module path that say how the path was written, not which module it names:
+# "L['self'].__dict__['_modules']['transformer_blocks'].0" names self.transformer_blocks[0].
+_PATH_NOISE = frozenset({"L", "self", "__dict__", "_modules", "G"})
+_PATH_TOKEN = re.compile(r"\[\s*'([^']*)'\s*\]|\[\s*\"([^\"]*)\"\s*\]|\[\s*(\d+)\s*\]|\.?([A-Za-z_0-9]+)")
+
+
+class BlockTag(NamedTuple):
+    """The repeated-block call a node belongs to: `stack[index]`, an instance of `cls_name`."""
+
+    stack: str
+    index: int
+    cls_name: str
+
+
+def module_path_tokens(path: str) -> tuple[str, ...]:
+    """`"L['self'].__dict__['_modules']['blocks'].3.attn"` -> `("blocks", "3", "attn")`."""
+    tokens = []
+    for match in _PATH_TOKEN.finditer(path):
+        token = next(group for group in match.groups() if group is not None)
+        if token not in _PATH_NOISE:
+            tokens.append(token)
+    return tuple(tokens)
+
+
+def block_tag(node: Node) -> BlockTag | None:
+    """The outermost indexed module (an item of a ModuleList or Sequential) that ran `node`."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, cls in stack.values():
+        tokens = module_path_tokens(path)
+        if tokens and tokens[-1].isdigit():
+            cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+            return BlockTag(".".join(tokens[:-1]), int(tokens[-1]), cls_name)
+    return None
+
+
+def has_module(node: Node) -> bool:
+    """Whether `node` ran inside some submodule's forward (not in the root module's own code)."""
+    return bool(node.meta.get("nn_module_stack"))
+
+
+def example_value(node: Node):
+    """The fake value Dynamo recorded for `node` (a FakeTensor, a SymInt, a tuple, ...)."""
+    if "example_value" in node.meta:
+        return node.meta["example_value"]
+    return node.meta.get("val")
+
+
+def is_tensor(node: Node) -> bool:
+    return isinstance(example_value(node), torch.Tensor)
+
+
+def same_shape(a: Node, b: Node) -> bool:
+    """Same shape, dtype and device, provably (symbolic sizes must be known equal)."""
+    va, vb = example_value(a), example_value(b)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
+        return False
+    if va.dtype != vb.dtype or va.device != vb.device or va.dim() != vb.dim():
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+
+
+_INPLACE_FUNCTIONS = frozenset(
+    {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+)
+
+
+def is_inplace(node: Node) -> bool:
+    """Whether `node` writes into its first argument (`x += y`, `x.add_(y)`, `x[i] = y`)."""
+    if node.op == "call_function":
+        if node.target in _INPLACE_FUNCTIONS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    return False
+
+
+_VIEW_METHODS = frozenset(
+    {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten",
+     "expand", "narrow", "select", "chunk", "split", "unbind", "view_as", "t", "contiguous"}
+)
+
+
+def alias_root(node: Node) -> Node:
+    """Follow view-like ops (and `getitem`) back to the tensor whose storage `node` may share."""
+    while node.op in ("call_method", "call_function") and node.args and isinstance(node.args[0], Node):
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        if node.target is operator.getitem or name in _VIEW_METHODS:
+            node = node.args[0]
+        else:
+            break
+    return node

@@ -1,0 +1,263 @@
+"""Cut a graph into head | rest | tail so that skipping `rest` is a correct program.
+
+    before (one Dynamo graph)                  after (three graphs and their wiring)
+    --------------------------------------     -----------------------------------------------
+    x, c, t, params...  (placeholders)         head(x, c, t, params)
+    prologue: embed(x), embed(c), temb(t)        -> prologue, first block,
+    block 0  (first block)                       -> first-block outputs s_i = (img0, txt0),
+    block 1 .. block N-1                         -> signal = img0 - copy(block-0 input)
+    epilogue: norm_out(img), proj_out          rest(s_i, temb, ..., params)
+    output                                       -> blocks 1..N-1: outputs o_j (img_N)
+                                                 -> residuals r_j = o_j - copy(s_j)
+                                               tail(o_j, temb, ..., params)
+                                                 -> epilogue, the graph's outputs
+
+A runtime that skips `rest` sets `o_j = s_j + r_j` (the residuals stored at the last call
+that ran `rest`), which is First Block Cache. The cut is correct when, and only when:
+
+- every value `rest` hands on is a tensor that continues one first-block output `s_j`
+  (paired by `find_streams.trace_stream`, or else the one candidate of its shape);
+- values computed inside `rest`'s range that do not depend on the streams (e.g. a ControlNet
+  sample picked by index) are needed by `tail` on skipped steps: they move to `head`;
+- `rest` writes in place into no value that `tail` reads or the caller sees.
+
+Otherwise the pass raises `UnsafeCut` with the reason. Copies of `s_j` are taken only where
+`rest` writes into its inputs in place (ComfyUI's blocks do `img += ...`), and the copy of the
+first block's input is taken before the block runs, so in-place code cannot zero a residual.
+
+The input graph is not changed; the pieces are new `GraphModule`s that share its attributes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from .errors import UnsafeCut
+from .find_blocks import BlockLayout
+from .find_streams import trace_stream
+from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A graph cut from the original: reads `inputs`, returns `outputs` (original nodes)."""
+
+    gm: GraphModule
+    inputs: tuple[Node, ...]
+    outputs: tuple[Node, ...]
+
+
+@dataclass(frozen=True)
+class Stream:
+    """`rest` turns the first-block output `source` into `result`."""
+
+    source: Node
+    result: Node
+
+
+@dataclass(frozen=True)
+class CachedPartition:
+    """head returns `head.outputs` + (signal,); rest returns `rest.outputs` + one residual per stream."""
+
+    placeholders: tuple[Node, ...]
+    head: Piece
+    rest: Piece
+    tail: Piece
+    streams: tuple[Stream, ...]
+    main: Stream
+    layout: BlockLayout
+
+
+def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
+    nodes = list(gm.graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    placeholders = tuple(n for n in nodes if n.op == "placeholder")
+    first_start = position[layout.first_block.nodes[0]]
+    head_end = position[layout.first_block.nodes[-1]]
+    rest_end = position[layout.last_block.nodes[-1]]
+
+    output = nodes[-1]
+    first_block = nodes[first_start : head_end + 1]
+    head = [n for n in nodes[: head_end + 1] if n.op != "placeholder"]
+    rest = [n for n in nodes[head_end + 1 : rest_end + 1] if n.op != "placeholder"]
+    tail = [n for n in nodes[rest_end + 1 : -1] if n.op != "placeholder"]
+    tail_set = set(tail) | {output}
+
+    hoisted = _stream_free_values_for_tail(rest, tail_set, set(first_block))
+    head += hoisted
+    rest = [n for n in rest if n not in set(hoisted)]
+    rest_set = set(rest)
+    _check_no_outside_writes(rest, rest_set, tail_set)
+
+    results = [n for n in rest if any(user in tail_set for user in n.users)]
+    sources = [n for n in _inputs_of(rest, rest_set) if is_tensor(n)]
+    streams = tuple(
+        Stream(_source_of(result, sources, set(first_block), rest_set), result) for result in results
+    )
+    if not streams:
+        raise UnsafeCut("the epilogue reads nothing the blocks computed; nothing to cache")
+    main = max(streams, key=lambda s: _numel_hint(s.result))
+
+    block_inputs = [n for n in _inputs_of(first_block, set(first_block)) if is_tensor(n)]
+    main_input = trace_stream(main.source, block_inputs, set(first_block))
+
+    head_outputs = tuple(n for n in head if any(u in rest_set or u in tail_set for u in n.users))
+    head_piece = _build_head(gm, head, head_outputs, main, main_input, first_block[0])
+    rest_piece = _build_rest(gm, rest, rest_set, tuple(results), streams)
+    tail_piece = _build(gm, tail, _inputs_of(tail + [output], set(tail)), (), output_node=output)
+    return CachedPartition(placeholders, head_piece, rest_piece, tail_piece, streams, main, layout)
+
+
+def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_block: set[Node]) -> list[Node]:
+    """Nodes of `rest` that `tail` needs and that do not depend on the first block's work."""
+    depends: dict[Node, bool] = {}
+    for node in rest:
+        depends[node] = any(
+            a in first_block or depends.get(a, False) for a in node.all_input_nodes
+        )
+    needed: set[Node] = set()
+    todo = [n for n in rest if not depends[n] and any(u in tail for u in n.users)]
+    while todo:
+        node = todo.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        todo.extend(a for a in node.all_input_nodes if a in depends)
+    # A tuple-valued node (split, chunk) in head is read through getitem: move the getitems too.
+    for node in rest:
+        if node.target is operator.getitem and node.args[0] not in depends:
+            needed.add(node)
+    moved = [n for n in rest if n in needed]
+    for node in moved:
+        if is_inplace(node):
+            raise UnsafeCut(
+                f"`{node.name}` writes in place between the blocks and the epilogue depends on it"
+            )
+    return moved
+
+
+def _check_no_outside_writes(rest: list[Node], rest_set: set[Node], tail: set[Node]) -> None:
+    for node in rest:
+        if not is_inplace(node) or not isinstance(node.args[0], Node):
+            continue
+        root = alias_root(node.args[0])
+        if root in rest_set:
+            continue
+        if root.op == "placeholder" or any(user in tail for user in root.users):
+            raise UnsafeCut(
+                f"the blocks write in place into `{root.name}`, which the model's caller or its "
+                "epilogue reads; a skipped step would leave it unwritten"
+            )
+
+
+def _inputs_of(nodes, inside: set[Node]) -> list[Node]:
+    """Values read by `nodes` that are defined outside them, in first-use order."""
+    seen: dict[Node, None] = {}
+    for node in nodes:
+        for value in node.all_input_nodes:
+            if value not in inside:
+                seen.setdefault(value, None)
+    return list(seen)
+
+
+def _source_of(result: Node, sources: list[Node], first_block: set[Node], rest: set[Node]) -> Node:
+    """The first-block output that `result` continues; other values (e.g. ControlNet samples
+    added on the way) only where no first-block output is on a residual path."""
+    if not is_tensor(result):
+        raise UnsafeCut(
+            f"the epilogue reads `{result.name}` from between the blocks, which is not a tensor"
+        )
+    from_block = [s for s in sources if s in first_block]
+    source = trace_stream(result, from_block, rest) or trace_stream(result, sources, rest)
+    if source is not None:
+        return source
+    same = [s for s in sources if same_shape(s, result)]
+    if len(same) == 1:
+        return same[0]
+    raise UnsafeCut(
+        f"cannot tell which first-block output `{result.name}` continues "
+        f"({len(same)} tensors of its shape enter the remaining blocks, no residual path found)"
+    )
+
+
+def _numel_hint(node: Node) -> int:
+    try:
+        return int(example_value(node).numel())
+    except (TypeError, RuntimeError):
+        return 0
+
+
+def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None) -> Piece:
+    """A new GraphModule running `nodes`; `before(graph, env, node)` may add nodes as they are copied."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    for value in inputs:
+        placeholder = graph.placeholder(value.name)
+        placeholder.meta = dict(value.meta)
+        env[value] = placeholder
+    for node in nodes:
+        if before is not None:
+            before(graph, env, node)
+        env[node] = graph.node_copy(node, env.__getitem__)
+    if output_node is not None:
+        graph.node_copy(output_node, env.__getitem__)
+        outs = tuple(output_node.all_input_nodes)
+    else:
+        extra = after(graph, env) if after is not None else ()
+        graph.output(tuple(env[n] for n in outputs) + tuple(extra))
+        outs = tuple(outputs)
+    graph.lint()
+    return Piece(GraphModule(gm, graph), tuple(inputs), outs)
+
+
+def _copy(graph: Graph, value: Node, name: str) -> Node:
+    copy = graph.call_function(torch.clone, (value,))
+    copy.name = name
+    return copy
+
+
+def _build_head(gm, head, outputs, main: Stream, main_input: Node | None, first_node: Node) -> Piece:
+    """Head = prologue + first block; it also returns the signal that decides a skip."""
+    copies: dict[str, Node] = {}
+
+    def before(graph, env, node):
+        if node is first_node and main_input is not None:
+            copies["input"] = _copy(graph, env[main_input], "wavepass_block_input")
+
+    def after(graph, env):
+        output = env[main.source]
+        if main_input is None:
+            return (_copy(graph, output, "wavepass_signal"),)
+        signal = graph.call_function(torch.sub, (output, copies["input"]))
+        signal.name = "wavepass_signal"
+        return (signal,)
+
+    return _build(gm, head, _inputs_of(head, set(head)), outputs, before=before, after=after)
+
+
+def _build_rest(gm, rest, rest_set, outputs, streams) -> Piece:
+    """Rest = the remaining blocks; it also returns `result - source` for every stream."""
+    written = {alias_root(n.args[0]) for n in rest if is_inplace(n) and isinstance(n.args[0], Node)}
+    first = rest[0]
+    copies: dict[Node, Node] = {}
+
+    def before(graph, env, node):
+        if node is first:
+            for stream in streams:
+                if stream.source in written and stream.source not in copies:
+                    copies[stream.source] = _copy(graph, env[stream.source], "wavepass_stream_input")
+
+    def after(graph, env):
+        residuals = []
+        for stream in streams:
+            base = copies.get(stream.source, env[stream.source])
+            residual = graph.call_function(torch.sub, (env[stream.result], base))
+            residual.name = "wavepass_residual"
+            residuals.append(residual)
+        return tuple(residuals)
+
+    return _build(gm, rest, _inputs_of(rest, rest_set), outputs, before=before, after=after)

@@ -1,0 +1,214 @@
+"""The cached program Dynamo calls, and all of wavepass's mutable state.
+
+One `CachedProgram` per compiled graph runs head, decides, then runs rest or adds the stored
+residuals, then runs tail. Its state is kept per cache context (see `cache_context`):
+
+    state        meaning                                           cleared when
+    -----------  ------------------------------------------------  ---------------------------
+    signal       first-block residual at the last full call        reset(), new signature,
+    residuals    rest's residual per stream at that call           an exception in a call
+    calls        calls since the last clear (for warmup_steps)
+    hits_in_row  consecutive skipped calls
+
+The *signature* of a call is the shapes, dtypes and devices of its activations and the
+identity and version counters of its parameters: a new resolution or batch, another model,
+or weights changed by a LoRA each start a new generation by themselves.
+
+Counting for `stats()` (calls, hits, recent decisions) is per program and cleared only by
+`reset()`. Passes and the backend hold no state; everything mutable lives here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .options import CacheOptions
+
+DEFAULT_CONTEXT = "default"
+_DECISIONS_KEPT = 10_000
+_context: ContextVar[str] = ContextVar("wavepass_cache_context", default=DEFAULT_CONTEXT)
+_sequence = itertools.count()
+_programs: weakref.WeakSet[CachedProgram] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What the cache did since the last `reset`: `decisions[i]` is True where call i skipped."""
+
+    calls: int
+    hits: int
+    decisions: tuple[bool, ...]
+
+    def __str__(self) -> str:
+        return f"wavespeed: skipped {self.hits} of {self.calls} model calls"
+
+
+@contextmanager
+def cache_context(name: str) -> Iterator[None]:
+    """Keep separate cache state for the calls made inside, e.g. per CFG branch."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"wavepass.cache_context: name must be a non-empty string, got {name!r}")
+    token = _context.set(name)
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+@dataclass
+class _State:
+    signature: tuple | None = None
+    signal: torch.Tensor | None = None
+    residuals: tuple[torch.Tensor, ...] = ()
+    calls: int = 0
+    hits_in_row: int = 0
+
+    def clear(self) -> None:
+        self.signal, self.residuals, self.calls, self.hits_in_row = None, (), 0, 0
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Value slots: 0..P-1 are the graph's inputs; each piece reads and writes slots."""
+
+    num_slots: int
+    head_in: tuple[int, ...]
+    head_out: tuple[int, ...]
+    rest_in: tuple[int, ...]
+    rest_out: tuple[int, ...]
+    tail_in: tuple[int, ...]
+    streams: tuple[tuple[int, int], ...]  # (source slot, result slot) per cached residual
+    parameters: tuple[int, ...]
+    activations: tuple[int, ...]
+
+
+class CachedProgram:
+    """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""
+
+    def __init__(self, head: Callable, rest: Callable, tail: Callable, wiring: Wiring,
+                 options: CacheOptions, description: str) -> None:
+        self._head, self._rest, self._tail = head, rest, tail
+        self._wiring = wiring
+        self._options = options
+        self.description = description
+        self._states: dict[str, _State] = {}
+        self._owner_ids: frozenset[int] = frozenset()
+        self._calls = self._hits = 0
+        self._decisions: deque[tuple[int, bool]] = deque(maxlen=_DECISIONS_KEPT)
+        _programs.add(self)
+
+    def __call__(self, *args: Any) -> Any:
+        w = self._wiring
+        state = self._states.setdefault(_context.get(), _State())
+        signature = self._signature(args)
+        if signature != state.signature:
+            state.clear()
+            state.signature = signature
+            self._owner_ids = frozenset(id(args[i]) for i in w.parameters)
+        values = list(args) + [None] * (w.num_slots - len(args))
+        try:
+            outputs = self._head(*[values[i] for i in w.head_in])
+            for slot, value in zip(w.head_out, outputs):
+                values[slot] = value
+            skip = self._decide(state, outputs[-1])
+            if skip:
+                for (source, result), residual in zip(w.streams, state.residuals):
+                    values[result] = values[source] + residual
+            else:
+                outputs_rest = self._rest(*[values[i] for i in w.rest_in])
+                for slot, value in zip(w.rest_out, outputs_rest):
+                    values[slot] = value
+                if self._options.may_skip:
+                    state.signal = outputs[-1]
+                    state.residuals = tuple(outputs_rest[len(w.rest_out):])
+            result = self._tail(*[values[i] for i in w.tail_in])
+        except BaseException:
+            state.clear()
+            raise
+        self._calls += 1
+        self._hits += skip
+        self._decisions.append((next(_sequence), skip))
+        return result
+
+    def _decide(self, state: _State, signal: torch.Tensor) -> bool:
+        """First Block Cache: skip when the first-block residual barely moved."""
+        opts = self._options
+        state.calls += 1
+        if (
+            not opts.may_skip
+            or state.signal is None
+            or state.calls <= opts.warmup_steps
+            or 0 < opts.max_consecutive_cache_hits <= state.hits_in_row
+        ):
+            state.hits_in_row = 0
+            return False
+        skip = relative_l1(signal, state.signal) < opts.residual_diff_threshold
+        state.hits_in_row = state.hits_in_row + 1 if skip else 0
+        return skip
+
+    def _signature(self, args: Sequence[Any]) -> tuple:
+        w = self._wiring
+        activations = tuple(
+            (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+            for a in (args[i] for i in w.activations)
+        )
+        weights = tuple((id(args[i]), args[i]._version) for i in w.parameters)
+        return activations, weights
+
+    def reset(self) -> None:
+        for state in self._states.values():
+            state.clear()
+        self._calls = self._hits = 0
+        self._decisions.clear()
+
+    def owned_by(self, parameter_ids: set[int]) -> bool:
+        return not self._owner_ids.isdisjoint(parameter_ids)
+
+    def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
+        return self._calls, self._hits, list(self._decisions)
+
+
+def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
+    """mean|current - previous| / mean|previous|, in float32; inf or nan never skip."""
+    change = torch.mean(torch.abs(current - previous), dtype=torch.float32)
+    scale = torch.mean(torch.abs(previous), dtype=torch.float32)
+    return (change / scale).item()
+
+
+def programs_of(model: Any | None) -> list[CachedProgram]:
+    """The cached programs that last ran with `model`'s parameters (all of them for None)."""
+    if model is None:
+        return list(_programs)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"wavepass: expected a torch.nn.Module (the compiled model or the original one), "
+            f"got {type(model).__name__}"
+        )
+    ids = {id(p) for p in model.parameters()}
+    return [p for p in _programs if p.owned_by(ids)]
+
+
+def reset(model: Any | None = None) -> None:
+    """Start a new generation: forget stored residuals (of `model`, or of every model)."""
+    for program in programs_of(model):
+        program.reset()
+
+
+def stats(model: Any | None = None) -> Stats:
+    """Calls, skipped calls and per-call decisions since the last `reset` of `model`."""
+    calls = hits = 0
+    decisions: list[tuple[int, bool]] = []
+    for program in programs_of(model):
+        c, h, d = program.stats()
+        calls, hits = calls + c, hits + h
+        decisions += d
+    return Stats(calls, hits, tuple(skip for _, skip in sorted(decisions)))
