@@ -44,7 +44,8 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     )
     description = (f"blocks {part.layout.describe()}, {len(part.streams)} cached stream(s), "
                    f"decided on `{part.main.source.name}`")
-    return CachedProgram(head, rest, tail, wiring, opts, description)
+    blocks = tuple(block.path for block in part.layout.blocks)
+    return CachedProgram(head, rest, tail, wiring, opts, blocks, description)
 
 
 def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:

@@ -95,13 +95,14 @@ class CachedProgram:
     """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""
 
     def __init__(self, head: Callable, rest: Callable, tail: Callable, wiring: Wiring,
-                 options: CacheOptions, description: str) -> None:
+                 options: CacheOptions, blocks: tuple[str, ...], description: str) -> None:
         self._head, self._rest, self._tail = head, rest, tail
+        self.blocks = blocks
         self._wiring = wiring
         self._options = options
         self.description = description
         self._states: dict[str, _State] = {}
-        self._owner_ids: frozenset[int] = frozenset()
+        self._owner: weakref.ref | None = None  # a parameter of the model that ran last
         self._calls = self._hits = 0
         self._decisions: deque[tuple[int, bool]] = deque(maxlen=_DECISIONS_KEPT)
         _programs.add(self)
@@ -113,7 +114,7 @@ class CachedProgram:
         if signature != state.signature:
             state.clear()
             state.signature = signature
-            self._owner_ids = frozenset(id(args[i]) for i in w.parameters)
+            self._owner = weakref.ref(args[w.parameters[0]]) if w.parameters else None
         values = list(args) + [None] * (w.num_slots - len(args))
         try:
             outputs = self._head(*[values[i] for i in w.head_in])
@@ -171,7 +172,10 @@ class CachedProgram:
         self._decisions.clear()
 
     def owned_by(self, parameter_ids: set[int]) -> bool:
-        return not self._owner_ids.isdisjoint(parameter_ids)
+        """Whether the model with these parameter ids ran this program last (the parameter is
+        held by a weak reference: while it lives, no other object can have its id)."""
+        owner = self._owner() if self._owner is not None else None
+        return owner is not None and id(owner) in parameter_ids
 
     def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
         return self._calls, self._hits, list(self._decisions)

@@ -99,7 +99,7 @@ def _same_extent(a: Node, b: Node) -> bool:
         isinstance(va, torch.Tensor)
         and isinstance(vb, torch.Tensor)
         and va.dim() == vb.dim()
-        and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+        and all(_known(x == y) for x, y in zip(va.shape, vb.shape))
     )
 
 
@@ -116,7 +116,7 @@ def _through_slice(node: Node, region: _Region | None) -> list[tuple[Node, _Regi
     if len(sliced) != 1:
         return []
     dim, piece = sliced[0]
-    size = _static_int(source_value.shape[dim])
+    size = source_value.shape[dim]
     bounds = _bounds(piece, size)
     if bounds is None:
         return []
@@ -142,38 +142,39 @@ def _through_cat(node: Node, region: _Region | None) -> list[tuple[Node, _Region
         part_value = example_value(part) if isinstance(part, Node) else None
         if not isinstance(part_value, torch.Tensor):
             return []
-        size = _static_int(part_value.shape[region.dim])
-        if size is None:
-            return []
-        if offset <= region.start and region.stop <= offset + size:
+        size = part_value.shape[region.dim]
+        if _known(offset <= region.start) and _known(region.stop <= offset + size):
             inner = _Region(region.dim, region.start - offset, region.stop - offset)
             return [(part, _whole_or(inner, size))]
-        offset += size
+        offset = offset + size
     return []
 
 
-def _static_int(size) -> int | None:
-    try:
-        return int(size)
-    except (TypeError, ValueError, RuntimeError):
-        return None
+def _known(condition) -> bool:
+    """True only if provably true, for ints and symbolic sizes alike; never adds a guard."""
+    return statically_known_true(condition)
 
 
-def _bounds(piece: slice, size: int | None) -> tuple[int, int] | None:
-    if piece.step not in (None, 1) or size is None:
+def _bounds(piece: slice, size):
+    """(start, stop) of a unit-step slice of a dimension of `size`, or None if not provable."""
+    if piece.step not in (None, 1):
         return None
-    start = piece.start if piece.start is not None else 0
-    stop = piece.stop if piece.stop is not None else size
-    if isinstance(start, Node) or isinstance(stop, Node):
-        start, stop = _static_int(_node_int(start)), _static_int(_node_int(stop))
-        if start is None or stop is None:
+    start = 0 if piece.start is None else _plain(piece.start)
+    stop = size if piece.stop is None else _plain(piece.stop)
+    bounds = []
+    for bound in (start, stop):
+        if _known(bound < 0):
+            bound = size + bound
+        if not _known(bound >= 0):
             return None
-    return slice(start, stop).indices(size)[:2]
+        bounds.append(size if _known(bound >= size) else bound)
+    return tuple(bounds)
 
 
-def _node_int(value):
+def _plain(value):
+    """A slice bound as an int or SymInt (a graph node stands for the size it computed)."""
     return example_value(value) if isinstance(value, Node) else value
 
 
-def _whole_or(region: _Region, size: int | None) -> _Region | None:
-    return None if (region.start == 0 and region.stop == size) else region
+def _whole_or(region: _Region, size) -> _Region | None:
+    return None if (_known(region.start == 0) and _known(region.stop == size)) else region

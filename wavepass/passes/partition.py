@@ -16,7 +16,7 @@ A runtime that skips `rest` sets `o_j = s_j + r_j` (the residuals stored at the 
 that ran `rest`), which is First Block Cache. The cut is correct when, and only when:
 
 - every value `rest` hands on is a tensor that continues one first-block output `s_j`
-  (paired by `find_streams.trace_stream`, or else the one candidate of its shape);
+  along a residual path (paired by `find_streams.trace_stream`; shapes alone never pair);
 - values computed inside `rest`'s range that do not depend on the streams (e.g. a ControlNet
   sample picked by index) are needed by `tail` on skipped steps: they move to `head`;
 - `rest` writes in place into no value that `tail` reads or the caller sees.
@@ -35,11 +35,12 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
 from .find_streams import trace_stream
-from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape
+from .fx_facts import alias_root, example_value, is_inplace, is_tensor
 
 
 @dataclass(frozen=True)
@@ -173,22 +174,17 @@ def _source_of(result: Node, sources: list[Node], first_block: set[Node], rest: 
         )
     from_block = [s for s in sources if s in first_block]
     source = trace_stream(result, from_block, rest) or trace_stream(result, sources, rest)
-    if source is not None:
-        return source
-    same = [s for s in sources if same_shape(s, result)]
-    if len(same) == 1:
-        return same[0]
-    raise UnsafeCut(
-        f"cannot tell which first-block output `{result.name}` continues "
-        f"({len(same)} tensors of its shape enter the remaining blocks, no residual path found)"
-    )
+    if source is None:
+        raise UnsafeCut(
+            f"`{result.name}` leaves the blocks but continues no first-block output along a "
+            "residual path (blocks without `x + f(x)` updates, or a graph break inside a block)"
+        )
+    return source
 
 
 def _numel_hint(node: Node) -> int:
-    try:
-        return int(example_value(node).numel())
-    except (TypeError, RuntimeError):
-        return 0
+    """Elements of a value, from the size hint for symbolic sizes (no guard is added)."""
+    return optimization_hint(example_value(node).numel(), fallback=0)
 
 
 def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None) -> Piece:

@@ -1,0 +1,60 @@
+"""An independent First Block Cache, in plain Python, for tests to compare the backend against.
+
+A model under test is written as three eager stages:
+
+    head(*inputs)       -> (block_input, first_outputs, aux)   prologue + first block
+    rest(first_outputs, aux) -> final_streams                   the remaining blocks
+    tail(final_streams, aux) -> output                          epilogue
+
+`first_outputs` and `final_streams` are dicts of tensors keyed by stream name; `final_streams`
+holds the streams the epilogue reads, and `main` names the stream whose first-block residual
+(`first_outputs[main] - block_input`) decides. The rule is the one the README states.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReferenceFBCache:
+    def __init__(self, threshold: float, max_consecutive_hits: int = -1, warmup_steps: int = 0, main: str = "img"):
+        self.threshold = threshold
+        self.max_hits = max_consecutive_hits
+        self.warmup = warmup_steps
+        self.main = main
+        self.reset()
+
+    def reset(self) -> None:
+        self.signal = None
+        self.residuals = None
+        self.calls = 0
+        self.hits_in_row = 0
+        self.decisions: list[bool] = []
+
+    def _skip(self, signal: torch.Tensor) -> bool:
+        self.calls += 1
+        if (
+            self.threshold <= 0
+            or self.max_hits == 0
+            or self.signal is None
+            or self.calls <= self.warmup
+            or 0 < self.max_hits <= self.hits_in_row
+        ):
+            return False
+        change = (signal - self.signal).abs().mean() / self.signal.abs().mean()
+        return bool(change < self.threshold)
+
+    def __call__(self, head, rest, tail, *inputs):
+        block_input, first, aux = head(*inputs)
+        signal = first[self.main] - block_input
+        skip = self._skip(signal)
+        if skip:
+            final = {name: first[name] + residual for name, residual in self.residuals.items()}
+            self.hits_in_row += 1
+        else:
+            final = rest(dict(first), aux)
+            self.residuals = {name: final[name] - first[name] for name in final}
+            self.signal = signal
+            self.hits_in_row = 0
+        self.decisions.append(skip)
+        return tail(final, aux)

@@ -1,0 +1,326 @@
+"""The `wavespeed` backend on real diffusers models, real Dynamo and (where it matters) Inductor.
+
+Every cached run is compared with `ReferenceFBCache`, a plain-Python First Block Cache that
+runs the eager model's stages; every uncached run with the eager or plain-Inductor model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import models
+import wavepass
+from fbcache_reference import ReferenceFBCache
+from wavepass.runtime import programs_of
+
+STEPS = 10
+THRESHOLD = 0.25  # gives a mix of skipped and computed steps on both tiny models
+
+
+def compiled(model, **options):
+    return torch.compile(model, backend="wavespeed", options=options)
+
+
+def run_backend(case, model, steps=STEPS):
+    return models.sample(case, lambda x, t: model(**case.call_kwargs(x, t))[0], steps)
+
+
+def run_reference(case, cache, steps=STEPS):
+    return models.sample(case, lambda x, t: case.reference_call(cache, x, t), steps)
+
+
+def assert_matches_reference(case, model, cache, atol=1e-5):
+    latent, outputs = run_backend(case, model)
+    ref_latent, ref_outputs = run_reference(case, cache)
+    assert wavepass.stats(case.model).decisions == tuple(cache.decisions)
+    for out, ref in zip(outputs, ref_outputs):
+        torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+    torch.testing.assert_close(latent, ref_latent, atol=atol, rtol=atol)
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return models.flux()
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return models.sd3()
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_threshold_zero_equals_plain_inductor(name, request, no_fallback):
+    case = request.getfixturevalue(name)
+    plain = torch.compile(case.model, backend="inductor")
+    plain_latent, plain_outputs = run_backend(case, plain, steps=3)
+    torch._dynamo.reset()
+    latent, outputs = run_backend(case, compiled(case.model, residual_diff_threshold=0.0), steps=3)
+    for out, ref in zip(outputs, plain_outputs):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert wavepass.stats(case.model) == wavepass.Stats(3, 0, (False,) * 3)
+
+
+@pytest.mark.parametrize("name, compiler", [("flux", "eager"), ("sd3", "eager"), ("flux", "inductor")])
+def test_sampling_matches_reference(name, compiler, request, no_fallback):
+    case = request.getfixturevalue(name)
+    cache = ReferenceFBCache(THRESHOLD)
+    model = compiled(case.model, residual_diff_threshold=THRESHOLD, compiler=compiler)
+    assert_matches_reference(case, model, cache, atol=1e-5 if compiler == "eager" else 1e-4)
+    assert 0 < sum(cache.decisions) < STEPS, "the test needs both skipped and computed steps"
+
+
+def test_discovers_the_expected_blocks(flux, sd3, no_fallback):
+    for case in (flux, sd3):
+        run_backend(case, compiled(case.model, compiler="eager"), steps=1)
+        (program,) = programs_of(case.model)
+        assert program.blocks == case.blocks
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(max_consecutive_cache_hits=2),
+        dict(max_consecutive_cache_hits=0),
+        dict(warmup_steps=4),
+        dict(warmup_steps=2, max_consecutive_cache_hits=1),
+    ],
+)
+def test_limits_follow_the_reference(flux, options, no_fallback):
+    threshold = 10.0  # everything may skip: the limits alone decide
+    cache = ReferenceFBCache(threshold, options.get("max_consecutive_cache_hits", -1), options.get("warmup_steps", 0))
+    assert_matches_reference(flux, compiled(flux.model, residual_diff_threshold=threshold, compiler="eager", **options), cache)
+    decisions = "".join("X" if d else "." for d in wavepass.stats(flux.model).decisions)
+    max_hits = options.get("max_consecutive_cache_hits", -1)
+    if max_hits >= 0:
+        assert "X" * (max_hits + 1) not in decisions
+    assert "X" not in decisions[: options.get("warmup_steps", 0)]
+    assert "X" in decisions or max_hits == 0
+
+
+def test_reset_starts_a_new_generation(flux, no_fallback):
+    model = compiled(flux.model, residual_diff_threshold=THRESHOLD, compiler="eager")
+    first_latent, _ = run_backend(flux, model)
+    first = wavepass.stats(model)
+    run_backend(flux, model)  # without reset: the second generation sees the first one's residuals
+    assert wavepass.stats(flux.model).calls == 2 * STEPS
+    wavepass.reset(model)
+    latent, _ = run_backend(flux, model)
+    assert wavepass.stats(flux.model) == first
+    assert not first.decisions[0] and any(first.decisions)
+    torch.testing.assert_close(latent, first_latent, atol=0, rtol=0)
+
+
+def test_cache_context_keeps_separate_state(flux, no_fallback):
+    """CFG as two calls per step: each branch is decided against its own history."""
+    model = compiled(flux.model, residual_diff_threshold=THRESHOLD, compiler="eager")
+    caches = {"cond": ReferenceFBCache(THRESHOLD), "uncond": ReferenceFBCache(THRESHOLD)}
+    prompts = {"cond": flux.inputs["encoder_hidden_states"], "uncond": torch.zeros_like(flux.inputs["encoder_hidden_states"])}
+    decisions = []
+
+    def cfg_step(latent, t):
+        outs = {}
+        for name in ("cond", "uncond"):
+            kwargs = {**flux.call_kwargs(latent, t), "encoder_hidden_states": prompts[name]}
+            with wavepass.cache_context(name):
+                outs[name] = model(**kwargs)[0]
+            reference_kwargs = {k: v for k, v in kwargs.items() if k != "return_dict"}
+            expected = caches[name](*flux.stages, reference_kwargs)
+            torch.testing.assert_close(outs[name], expected, atol=1e-5, rtol=1e-5)
+            decisions.append(caches[name].decisions[-1])
+        return outs["uncond"] + 2.0 * (outs["cond"] - outs["uncond"])
+
+    models.sample(flux, cfg_step, STEPS)
+    assert wavepass.stats(model).decisions == tuple(decisions)
+    assert any(decisions)
+
+
+def test_new_resolution_starts_a_new_generation(no_fallback):
+    """Under dynamic=True one graph serves every size; its state resets when the size changes."""
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    c = torch.compile(model, backend="wavespeed", dynamic=True,
+                      options=dict(residual_diff_threshold=0.05, compiler="eager"))
+    expected = []
+    for shape in [(2, 4, 8), (2, 6, 8), (3, 6, 8), (2, 4, 8)]:
+        cache = ReferenceFBCache(0.05)  # the reference starts afresh at each size
+        x = torch.randn(shape)
+        for step in range(4):
+            x = x + 0.01 * torch.randn(shape)
+            torch.testing.assert_close(c(x), cache(*model.stages(), x), atol=1e-5, rtol=1e-5)
+        expected += cache.decisions
+    assert wavepass.stats(model).decisions == tuple(expected)
+    assert any(expected)
+    assert len(programs_of(model)) == 1
+
+
+def test_exception_mid_call_leaves_nothing_stale(flux, no_fallback):
+    model = compiled(flux.model, residual_diff_threshold=10.0, compiler="eager")
+    run_backend(flux, model, steps=3)
+    (program,) = programs_of(flux.model)
+    tail = program._tail
+
+    def failing_tail(*args):  # fault injection: the epilogue raises once
+        raise RuntimeError("injected failure")
+
+    program._tail = failing_tail
+    with pytest.raises(RuntimeError, match="injected failure"):
+        model(**flux.call_kwargs(flux.inputs["hidden_states"], torch.tensor([0.5])))
+    program._tail = tail
+    before = wavepass.stats(flux.model).calls
+    model(**flux.call_kwargs(flux.inputs["hidden_states"], torch.tensor([0.5])))
+    stats = wavepass.stats(flux.model)
+    assert stats.calls == before + 1 and stats.decisions[-1] is False  # no stale residual reused
+
+
+def test_grad_mode_compiles_plainly_and_keeps_autograd(flux):
+    model = compiled(flux.model, residual_diff_threshold=10.0, compiler="eager")
+    kwargs = flux.call_kwargs(flux.inputs["hidden_states"], torch.tensor([0.5]))
+    with torch.enable_grad(), pytest.warns(UserWarning, match="grad mode"):
+        out = model(**kwargs)[0]
+        out2 = model(**kwargs)[0]
+        assert out.requires_grad and out2.requires_grad
+        out.sum().backward()
+    assert flux.model.proj_out.weight.grad is not None
+    flux.model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(out.detach(), flux.model(**kwargs)[0])
+    assert wavepass.stats(flux.model).calls == 0
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"residual_diff_treshold": 0.1}, "unknown option.*residual_diff_threshold"),
+        ({"residual_diff_threshold": -0.1}, "residual_diff_threshold must be a finite number >= 0"),
+        ({"residual_diff_threshold": float("nan")}, "residual_diff_threshold must be"),
+        ({"max_consecutive_cache_hits": -2}, "max_consecutive_cache_hits must be -1"),
+        ({"warmup_steps": 1.5}, "warmup_steps must be an integer >= 0"),
+        ({"compiler": "tensorrt"}, "compiler must be one of"),
+    ],
+)
+def test_bad_options_name_the_fix(flux, options, message):
+    model = compiled(flux.model, **options)
+    with pytest.raises(Exception, match=message):
+        model(**flux.call_kwargs(flux.inputs["hidden_states"], torch.tensor([0.5])))
+
+
+class NoBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x).relu() + x
+
+
+class Blocks(torch.nn.Module):
+    """A tiny block stack, with an optional graph break in the prologue or inside block 2."""
+
+    def __init__(self, graph_break: str | None = None):
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 8)
+        self.blocks = torch.nn.ModuleList(Block(graph_break == "block" and i == 2) for i in range(4))
+        self.out = torch.nn.Linear(8, 8)
+        self.graph_break = graph_break
+
+    def forward(self, x):
+        x = self.embed(x)
+        if self.graph_break == "prologue":
+            torch._dynamo.graph_break()
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+    def stages(self):
+        """head, rest, tail for `ReferenceFBCache`."""
+
+        def head(x):
+            x = self.embed(x)
+            return x, {"img": self.blocks[0](x)}, None
+
+        def rest(first, aux):
+            x = first["img"]
+            for block in self.blocks[1:]:
+                x = block(x)
+            return {"img": x}
+
+        return head, rest, lambda final, aux: self.out(final["img"])
+
+
+class Block(torch.nn.Module):
+    def __init__(self, graph_break: bool):
+        super().__init__()
+        self.graph_break = graph_break
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x + self.a(x).tanh()
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return x + self.b(x).tanh()
+
+
+def test_model_without_blocks_warns_once_and_stays_correct():
+    model = NoBlocks()
+    c = compiled(model, compiler="eager")
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="no stack of repeated blocks") as record:
+        torch.testing.assert_close(c(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c(x)
+        torch.compile(NoBlocks(), backend="wavespeed", options={"compiler": "eager"})(x)
+    assert len([w for w in record if "wavespeed" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+@pytest.mark.parametrize("where, caches", [("prologue", True), ("block", False)])
+def test_graph_breaks_stay_correct(compiler, where, caches):
+    """A graph that holds the whole stack still caches; a stack split by a break cannot, and
+    every graph then runs uncached, with the same results."""
+    torch.manual_seed(0)
+    model = Blocks(graph_break=where).eval()
+    c = compiled(model, residual_diff_threshold=0.0, compiler=compiler)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(3):
+            x = torch.randn(2, 8)
+            torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 2  # the break did split the model
+    assert wavepass.stats(model).calls == (3 if caches else 0)
+    # the graph(s) without the whole stack say why they run uncached
+    assert any("no stack of repeated blocks" in str(w.message) for w in record)
+
+
+def test_no_recompiles_across_generations(flux, no_fallback):
+    model = compiled(flux.model, residual_diff_threshold=THRESHOLD, compiler="eager")
+    run_backend(flux, model, steps=1)
+    frames = dict(counters["frames"])
+    decisions = []
+    for _ in range(3):
+        wavepass.reset(model)
+        run_backend(flux, model)
+        decisions.append(wavepass.stats(model).decisions)
+    assert dict(counters["frames"]) == frames
+    assert not counters["recompiles"]
+    assert all(any(d) and not all(d) for d in decisions)  # hits and misses in every generation
+
+
+def test_backend_registers_without_import():
+    code = (
+        "import sys, torch\n"
+        "assert 'wavepass' not in sys.modules\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 4))\n"
+        "c = torch.compile(m, backend='wavespeed', options={'compiler': 'eager'})\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(c(torch.ones(2, 4)), m(torch.ones(2, 4)))\n"
+        "print('wavepass' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
