@@ -11,7 +11,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 
 
 @dataclass
@@ -22,6 +27,8 @@ class Case:
     stages: tuple[Callable, Callable, Callable]  # head, rest, tail
     blocks: tuple[str, ...]  # module paths of the blocks the backend must find
     timestep_scale: float  # diffusers pipelines pass t / 1000 to Flux and t to SD3
+    # skips some but not all of 10 steps (random weights), each measured change >= 2.5% away from it
+    mixed_threshold: float = 0.25
 
     def call_kwargs(self, latent: torch.Tensor, t: torch.Tensor) -> dict:
         return {**self.inputs, self.latent_key: latent, "timestep": t, "return_dict": False}
@@ -108,6 +115,59 @@ def sd3(seed: int = 0, size: int = 8) -> Case:
 
     blocks = tuple(f"transformer_blocks.{i}" for i in range(3))
     return Case(model, inputs, "hidden_states", (head, rest, tail), blocks, 1.0)
+
+
+def sdxl_unet(seed: int = 0, size: int = 8) -> Case:
+    """An SDXL-shaped UNet (text_time added conditioning, cross-attention down/up blocks).
+
+    The cache rule for UNets: the first block is down_blocks[0]; the residual spans from its
+    last full-resolution output to the output of the up path; conv_norm_out/conv_out always run.
+    """
+    torch.manual_seed(seed)
+    model = UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 16), norm_num_groups=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, transformer_layers_per_block=1,
+        addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4,
+    ).eval()
+    inputs = dict(
+        sample=torch.randn(1, 4, size, size), encoder_hidden_states=torch.randn(1, 6, 16),
+        added_cond_kwargs={"text_embeds": torch.randn(1, 8), "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)},
+    )
+
+    def head(kw):
+        sample, ehs = kw["sample"], kw["encoder_hidden_states"]
+        emb = model.time_embedding(model.get_time_embed(sample=sample, timestep=kw["timestep"]), None)
+        emb = emb + model.get_aug_embed(emb=emb, encoder_hidden_states=ehs, added_cond_kwargs=kw["added_cond_kwargs"])
+        h = model.conv_in(sample)
+        first = model.down_blocks[0]
+        down, res = first(hidden_states=h, temb=emb)
+        last_full_resolution = res[len(first.resnets) - 1]
+        return h, {"img": last_full_resolution}, (emb, ehs, down, (h, *res))
+
+    def rest(first, aux):
+        emb, ehs, sample, skips = aux
+        for block in model.down_blocks[1:]:
+            sample, res = block(hidden_states=sample, temb=emb, **cross_attention(block, ehs))
+            skips += res
+        sample = model.mid_block(sample, emb, encoder_hidden_states=ehs)
+        for block in model.up_blocks:
+            skips, res = skips[: -len(block.resnets)], skips[-len(block.resnets):]
+            sample = block(hidden_states=sample, temb=emb, res_hidden_states_tuple=res,
+                           **cross_attention(block, ehs))
+        return {"img": sample}
+
+    def tail(final, aux):
+        return model.conv_out(model.conv_act(model.conv_norm_out(final["img"])))
+
+    def cross_attention(block, ehs):
+        return {"encoder_hidden_states": ehs} if getattr(block, "has_cross_attention", False) else {}
+
+    blocks = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "up_blocks.0", "up_blocks.1", "up_blocks.2")
+    return Case(model, inputs, "sample", (head, rest, tail), blocks, 1.0, mixed_threshold=0.09)
 
 
 def sample(case: Case, call: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -21,7 +21,6 @@ from fbcache_reference import ReferenceFBCache
 from wavepass.runtime import programs_of
 
 STEPS = 10
-THRESHOLD = 0.25  # gives a mix of skipped and computed steps on both tiny models
 
 
 def compiled(model, **options):
@@ -55,7 +54,12 @@ def sd3():
     return models.sd3()
 
 
-@pytest.mark.parametrize("name", ["flux", "sd3"])
+@pytest.fixture(scope="module")
+def sdxl_unet():
+    return models.sdxl_unet()
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "sdxl_unet"])
 def test_threshold_zero_equals_plain_inductor(name, request, no_fallback):
     case = request.getfixturevalue(name)
     plain = torch.compile(case.model, backend="inductor")
@@ -67,17 +71,20 @@ def test_threshold_zero_equals_plain_inductor(name, request, no_fallback):
     assert wavepass.stats(case.model) == wavepass.Stats(3, 0, (False,) * 3)
 
 
-@pytest.mark.parametrize("name, compiler", [("flux", "eager"), ("sd3", "eager"), ("flux", "inductor")])
+@pytest.mark.parametrize(
+    "name, compiler",
+    [("flux", "eager"), ("sd3", "eager"), ("sdxl_unet", "eager"), ("flux", "inductor")],
+)
 def test_sampling_matches_reference(name, compiler, request, no_fallback):
     case = request.getfixturevalue(name)
-    cache = ReferenceFBCache(THRESHOLD)
-    model = compiled(case.model, residual_diff_threshold=THRESHOLD, compiler=compiler)
+    cache = ReferenceFBCache(case.mixed_threshold)
+    model = compiled(case.model, residual_diff_threshold=case.mixed_threshold, compiler=compiler)
     assert_matches_reference(case, model, cache, atol=1e-5 if compiler == "eager" else 1e-4)
     assert 0 < sum(cache.decisions) < STEPS, "the test needs both skipped and computed steps"
 
 
-def test_discovers_the_expected_blocks(flux, sd3, no_fallback):
-    for case in (flux, sd3):
+def test_discovers_the_expected_blocks(flux, sd3, sdxl_unet, no_fallback):
+    for case in (flux, sd3, sdxl_unet):
         run_backend(case, compiled(case.model, compiler="eager"), steps=1)
         (program,) = programs_of(case.model)
         assert program.blocks == case.blocks
@@ -105,7 +112,7 @@ def test_limits_follow_the_reference(flux, options, no_fallback):
 
 
 def test_reset_starts_a_new_generation(flux, no_fallback):
-    model = compiled(flux.model, residual_diff_threshold=THRESHOLD, compiler="eager")
+    model = compiled(flux.model, residual_diff_threshold=flux.mixed_threshold, compiler="eager")
     first_latent, _ = run_backend(flux, model)
     first = wavepass.stats(model)
     run_backend(flux, model)  # without reset: the second generation sees the first one's residuals
@@ -119,8 +126,8 @@ def test_reset_starts_a_new_generation(flux, no_fallback):
 
 def test_cache_context_keeps_separate_state(flux, no_fallback):
     """CFG as two calls per step: each branch is decided against its own history."""
-    model = compiled(flux.model, residual_diff_threshold=THRESHOLD, compiler="eager")
-    caches = {"cond": ReferenceFBCache(THRESHOLD), "uncond": ReferenceFBCache(THRESHOLD)}
+    model = compiled(flux.model, residual_diff_threshold=flux.mixed_threshold, compiler="eager")
+    caches = {"cond": ReferenceFBCache(flux.mixed_threshold), "uncond": ReferenceFBCache(flux.mixed_threshold)}
     prompts = {"cond": flux.inputs["encoder_hidden_states"], "uncond": torch.zeros_like(flux.inputs["encoder_hidden_states"])}
     decisions = []
 
@@ -299,7 +306,7 @@ def test_graph_breaks_stay_correct(compiler, where, caches):
 
 
 def test_no_recompiles_across_generations(flux, no_fallback):
-    model = compiled(flux.model, residual_diff_threshold=THRESHOLD, compiler="eager")
+    model = compiled(flux.model, residual_diff_threshold=flux.mixed_threshold, compiler="eager")
     run_backend(flux, model, steps=1)
     frames = dict(counters["frames"])
     decisions = []

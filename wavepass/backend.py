@@ -34,7 +34,7 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
                               "grad mode is on (training, or a call outside torch.no_grad()), "
                               "where cached steps would have no gradient")
     try:
-        part = partition(gm, find_blocks(gm))
+        part = _first_partition(gm)
     except CannotCache as exc:
         return plain_fallback(gm, example_inputs, opts, mode, str(exc))
     wiring = _wiring(part, example_inputs)
@@ -46,6 +46,17 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
                    f"decided on `{part.main.source.name}`")
     blocks = tuple(block.path for block in part.layout.blocks)
     return CachedProgram(head, rest, tail, wiring, opts, blocks, description)
+
+
+def _first_partition(gm: GraphModule) -> CachedPartition:
+    """Partition the most preferred block region that can be cut correctly."""
+    reasons = []
+    for layout in find_blocks(gm):
+        try:
+            return partition(gm, layout)
+        except CannotCache as exc:
+            reasons.append(str(exc))
+    raise CannotCache("; ".join(dict.fromkeys(reasons)))
 
 
 def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:

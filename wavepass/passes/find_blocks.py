@@ -5,23 +5,35 @@ Every node Dynamo records carries the stack of module calls it ran in. A node th
 (an item of a `ModuleList` or `Sequential`) is the node's *block*. Blocks with the same
 container path form a *stack*.
 
-    graph (Flux, 2 + 2 blocks)                    BlockLayout
-    -------------------------------------------   --------------------------------------
-    x_embedder, time_text_embed, pos_embed ...    (prologue: not a block)
-    transformer_blocks.0  (FluxTransformerBlock)  stacks[0] = transformer_blocks[0..1]
-    transformer_blocks.1
-    (glue: controlnet adds, top-level code)
-    single_transformer_blocks.0 (FluxSingle...)   stacks[1] = single_transformer_blocks[0..1]
+    graph (FLUX, 2 + 2 blocks)                    regions, in order of preference
+    -------------------------------------------   ---------------------------------------
+    x_embedder, time_text_embed, pos_embed ...    (prologue)
+    transformer_blocks.0  (FluxTransformerBlock)  1. transformer_blocks[0..1]
+    transformer_blocks.1                             + single_transformer_blocks[0..1]
+    (top-level code: ControlNet adds)             2. single_transformer_blocks[0..1]
+    single_transformer_blocks.0 (FluxSingle...)      (the anchor alone)
     single_transformer_blocks.1
-    norm_out, proj_out                            (epilogue: not a block)
+    norm_out, proj_out                            (epilogue)
+
+    graph (SDXL-style UNet)
+    -------------------------------------------
+    conv_in, time_embedding                       (prologue)
+    down_blocks.0 .. down_blocks.2                1. down_blocks[0..2] + up_blocks[0..2]
+    mid_block (its resnets form a nested stack)      (mid_block runs inside the region)
+    up_blocks.0 .. up_blocks.2                    2. up_blocks[0..2]
+    conv_norm_out, conv_act, conv_out             (epilogue: the output head always runs)
 
 Rules (no table of model classes):
-- a stack holds two or more blocks of one class, run in index order, none interleaved with
-  another (a block called twice, or out of order, disqualifies its stack);
-- the *anchor* is the stack with the most nodes; stacks that follow or precede it with only
-  top-level glue code in between (nodes that ran in no submodule) join it. So FLUX's dual and
-  single stacks form one cached region, while a small refiner stack inside a prologue module
-  stays out of it.
+- a stack holds two or more composite blocks (modules that call submodules, so a
+  `Sequential` of plain layers is no stack), run in index order and never interleaved (a
+  block called twice, or out of order, disqualifies its stack); classes may differ (a
+  UNet's down blocks do);
+- the *anchor* is the stack with the most nodes; the preferred region runs from the first to
+  the last of the anchor's sibling stacks (stacks held by the same parent module: FLUX's
+  dual and single stacks, a UNet's down and up blocks), with whatever runs between them;
+  a stack nested elsewhere (a text refiner inside a prologue module) is never a sibling;
+- the anchor alone is the fallback region, for when the partition pass cannot cut the
+  preferred one correctly.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from dataclasses import dataclass
 from torch.fx import GraphModule, Node
 
 from .errors import NoRepeatedBlocks
-from .fx_facts import BlockTag, block_tag, has_module
+from .fx_facts import BlockTag, block_tag, in_submodule_of_block
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ class Block:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """The cached region: consecutive stacks of blocks, in graph order."""
+    """The cached region: stacks of blocks, in graph order."""
 
     stacks: tuple[tuple[Block, ...], ...]
 
@@ -66,30 +78,27 @@ class BlockLayout:
         return self.stacks[-1][-1]
 
     def describe(self) -> str:
-        return ", ".join(
-            f"{stack[0].tag.stack or '<root>'}[{len(stack)} x {stack[0].tag.cls_name.rsplit('.', 1)[-1]}]"
-            for stack in self.stacks
-        )
+        return ", ".join(f"{stack[0].tag.stack or '<root>'}[{len(stack)} x {_classes(stack)}]"
+                         for stack in self.stacks)
 
 
-def find_blocks(gm: GraphModule) -> BlockLayout:
-    """Return the region of repeated blocks to cache; raise `NoRepeatedBlocks` if there is none."""
+def find_blocks(gm: GraphModule) -> list[BlockLayout]:
+    """The regions worth caching, best first; raise `NoRepeatedBlocks` if there is none."""
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     position = {node: i for i, node in enumerate(nodes)}
     stacks = _stacks(nodes, position)
     if not stacks:
         raise NoRepeatedBlocks(
-            "no stack of repeated blocks found in the graph (wavespeed caches models that call "
-            "two or more blocks of one class from an nn.ModuleList); if the blocks sit behind a "
-            "graph break, remove it or use fullgraph=True to see where it is"
+            "no stack of repeated blocks found in the graph (wavespeed caches models that run "
+            "two or more blocks from an nn.ModuleList); if the blocks sit behind a graph "
+            "break, remove it (compile with fullgraph=True to see where it is)"
         )
-    anchor = max(range(len(stacks)), key=lambda i: sum(len(b.nodes) for b in stacks[i]))
-    first, last = anchor, anchor
-    while first > 0 and _only_glue_between(stacks[first - 1], stacks[first], nodes, position):
-        first -= 1
-    while last + 1 < len(stacks) and _only_glue_between(stacks[last], stacks[last + 1], nodes, position):
-        last += 1
-    return BlockLayout(tuple(stacks[first : last + 1]))
+    anchor = max(stacks, key=lambda stack: sum(len(b.nodes) for b in stack))
+    siblings = tuple(s for s in stacks if _parent(s) == _parent(anchor))
+    layouts = [BlockLayout(siblings)]
+    if len(siblings) > 1:
+        layouts.append(BlockLayout((anchor,)))
+    return layouts
 
 
 def _stacks(nodes: list[Node], position: dict[Node, int]) -> list[tuple[Block, ...]]:
@@ -106,26 +115,33 @@ def _stacks(nodes: list[Node], position: dict[Node, int]) -> list[tuple[Block, .
     for blocks in by_stack.values():
         blocks.sort(key=lambda b: b.tag.index)
         indices = [b.tag.index for b in blocks]
-        if len(set(indices)) != len(indices):
-            continue  # one index under two classes: not a plain stack
-        if len(blocks) >= 2 and _is_one_class(blocks) and _runs_in_order(blocks, position):
+        if (
+            len(blocks) >= 2
+            and len(set(indices)) == len(indices)  # one path under two classes is no plain stack
+            and _composite(blocks)
+            and _runs_in_order(blocks, position)
+        ):
             valid.append(tuple(blocks))
     valid.sort(key=lambda stack: position[stack[0].nodes[0]])
     return valid
 
 
-def _is_one_class(blocks: list[Block]) -> bool:
-    return len({b.tag.cls_name for b in blocks}) == 1
+def _composite(blocks: list[Block]) -> bool:
+    return all(any(in_submodule_of_block(n) for n in b.nodes) for b in blocks)
 
 
 def _runs_in_order(blocks: list[Block], position: dict[Node, int]) -> bool:
-    """Each block's nodes are contiguous in the order of the stack and never interleave."""
-    for before, after in zip(blocks, blocks[1:]):
-        if position[before.nodes[-1]] >= position[after.nodes[0]]:
-            return False
-    return True
+    """Each block's nodes come after the previous block's and before the next one's."""
+    return all(
+        position[before.nodes[-1]] < position[after.nodes[0]]
+        for before, after in zip(blocks, blocks[1:])
+    )
 
 
-def _only_glue_between(a: tuple[Block, ...], b: tuple[Block, ...], nodes: list[Node], position) -> bool:
-    start, end = position[a[-1].nodes[-1]], position[b[0].nodes[0]]
-    return start < end and not any(has_module(n) for n in nodes[start + 1 : end])
+def _parent(stack: tuple[Block, ...]) -> str:
+    return stack[0].tag.stack.rpartition(".")[0]
+
+
+def _classes(stack: tuple[Block, ...]) -> str:
+    names = dict.fromkeys(b.tag.cls_name.rsplit(".", 1)[-1] for b in stack)
+    return "/".join(names)

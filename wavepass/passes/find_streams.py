@@ -2,8 +2,8 @@
 
 A transformer block updates its streams through residual connections (`x = x + f(x)`), so
 the value a stream ends with is reachable from the value it started with along *identity
-paths*: additions (either same-shaped operand), the first operand of a subtraction, dtype
-casts, copies, clamps, and slices of concatenations (FLUX's single blocks concatenate the
+paths*: additions (either same-shaped operand), the first operand of a subtraction,
+rescaling by a constant, dtype casts, copies, clamps, and slices of concatenations (FLUX's single blocks concatenate the
 text and image streams and split them again: the slice `h[:, T:]` of `cat([txt, img])`
 leads back to `img`, not `txt`).
 
@@ -33,6 +33,7 @@ _ADD = frozenset({operator.add, operator.iadd, torch.add})
 _SUB = frozenset({operator.sub, operator.isub, torch.sub})
 _CAT = frozenset({torch.cat, torch.concat, torch.concatenate})
 _CLAMP = frozenset({torch.clamp, torch.clip})
+_SCALE = frozenset({operator.mul, operator.truediv, torch.mul, torch.div})
 # Methods that return their input, or a copy or cast of it, element for element.
 _SAME_VALUE_METHODS = frozenset(
     {"add", "add_", "sub", "sub_", "clone", "contiguous", "to", "float", "half", "bfloat16",
@@ -87,6 +88,10 @@ def _identity_sources(node: Node, region: _Region | None) -> list[tuple[Node, _R
     if (node.op == "call_function" and target in _ADD) or name in ("add", "add_"):
         operands = [a for a in args[:2] if isinstance(a, Node)]
         return [(a, region) for a in operands if same_shape(a, node)]
+    if (node.op == "call_function" and target in _SCALE) or name in ("mul", "div"):
+        # `x / output_scale_factor`: a constant rescaling keeps the stream
+        scalar = args[1] if len(args) > 1 else None
+        return [(args[0], region)] if isinstance(scalar, (int, float)) else []
     if (node.op == "call_function" and target in (_SUB | _CLAMP)) or name in _SAME_VALUE_METHODS:
         source = args[0]
         return [(source, region)] if _same_extent(source, node) else []

@@ -40,12 +40,23 @@ def module_path_tokens(path: str) -> tuple[str, ...]:
 
 def block_tag(node: Node) -> BlockTag | None:
     """The outermost indexed module (an item of a ModuleList or Sequential) that ran `node`."""
+    found = _block_entry(node)
+    return found[0] if found else None
+
+
+def in_submodule_of_block(node: Node) -> bool:
+    """Whether `node` ran in a submodule of its block (blocks are composite, layers are not)."""
+    found = _block_entry(node)
+    return found is not None and found[1] < len(node.meta["nn_module_stack"]) - 1
+
+
+def _block_entry(node: Node) -> tuple[BlockTag, int] | None:
     stack = node.meta.get("nn_module_stack") or {}
-    for path, cls in stack.values():
+    for depth, (path, cls) in enumerate(stack.values()):
         tokens = module_path_tokens(path)
         if tokens and tokens[-1].isdigit():
             cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-            return BlockTag(".".join(tokens[:-1]), int(tokens[-1]), cls_name)
+            return BlockTag(".".join(tokens[:-1]), int(tokens[-1]), cls_name), depth
     return None
 
 

@@ -16,7 +16,8 @@ A runtime that skips `rest` sets `o_j = s_j + r_j` (the residuals stored at the 
 that ran `rest`), which is First Block Cache. The cut is correct when, and only when:
 
 - every value `rest` hands on is a tensor that continues one first-block output `s_j`
-  along a residual path (paired by `find_streams.trace_stream`; shapes alone never pair);
+  (along a residual path, found by `find_streams.trace_stream`; where none exists, as in a
+  UNet, the last first-block output of its shape), and the first block computes the main one;
 - values computed inside `rest`'s range that do not depend on the streams (e.g. a ControlNet
   sample picked by index) are needed by `tail` on skipped steps: they move to `head`;
 - `rest` writes in place into no value that `tail` reads or the caller sees.
@@ -40,7 +41,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
 from .find_streams import trace_stream
-from .fx_facts import alias_root, example_value, is_inplace, is_tensor
+from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,18 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
     _check_no_outside_writes(rest, rest_set, tail_set)
 
     results = [n for n in rest if any(user in tail_set for user in n.users)]
-    sources = [n for n in _inputs_of(rest, rest_set) if is_tensor(n)]
+    sources = sorted((n for n in _inputs_of(rest, rest_set) if is_tensor(n)), key=position.__getitem__)
     streams = tuple(
         Stream(_source_of(result, sources, set(first_block), rest_set), result) for result in results
     )
     if not streams:
         raise UnsafeCut("the epilogue reads nothing the blocks computed; nothing to cache")
     main = max(streams, key=lambda s: _numel_hint(s.result))
+    if main.source not in first_block:
+        raise UnsafeCut(
+            f"the first block ({layout.first_block.path}) does not compute the stream the "
+            "epilogue reads"
+        )
 
     block_inputs = [n for n in _inputs_of(first_block, set(first_block)) if is_tensor(n)]
     main_input = trace_stream(main.source, block_inputs, set(first_block))
@@ -166,20 +172,28 @@ def _inputs_of(nodes, inside: set[Node]) -> list[Node]:
 
 
 def _source_of(result: Node, sources: list[Node], first_block: set[Node], rest: set[Node]) -> Node:
-    """The first-block output that `result` continues; other values (e.g. ControlNet samples
-    added on the way) only where no first-block output is on a residual path."""
+    """The first-block output that `result` continues.
+
+    Along a residual path if there is one (a first-block output before any other value, such
+    as a ControlNet sample added on the way). Where no path exists, as in a UNet whose up
+    path concatenates skip connections and changes channels, the last first-block output of
+    the same shape, dtype and device: the residual then spans everything after that output.
+    """
     if not is_tensor(result):
         raise UnsafeCut(
             f"the epilogue reads `{result.name}` from between the blocks, which is not a tensor"
         )
     from_block = [s for s in sources if s in first_block]
     source = trace_stream(result, from_block, rest) or trace_stream(result, sources, rest)
-    if source is None:
+    if source is not None:
+        return source
+    same_shape_outputs = [s for s in from_block if same_shape(s, result)]
+    if not same_shape_outputs:
         raise UnsafeCut(
-            f"`{result.name}` leaves the blocks but continues no first-block output along a "
-            "residual path (blocks without `x + f(x)` updates, or a graph break inside a block)"
+            f"`{result.name}` leaves the blocks but continues no first-block output: no "
+            "residual path leads back to one and none has its shape"
         )
-    return source
+    return same_shape_outputs[-1]
 
 
 def _numel_hint(node: Node) -> int:
