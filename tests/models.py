@@ -7,6 +7,7 @@ sampling step changes them, and the model's forward split into the three stages 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -62,13 +63,21 @@ def flux(seed: int = 0, tokens: int = 16) -> Case:
         rope = model.pos_embed(torch.cat((kw["txt_ids"], kw["img_ids"]), dim=0))
         ehs1, hs1 = model.transformer_blocks[0](
             hidden_states=hs, encoder_hidden_states=ehs, temb=temb, image_rotary_emb=rope)
-        return hs, {"img": hs1, "txt": ehs1}, (temb, rope)
+        controlnet = (kw.get("controlnet_block_samples"), kw.get("controlnet_single_block_samples"))
+        return hs, {"img": hs1, "txt": ehs1}, (temb, rope, controlnet)
 
     def rest(first, aux):
-        temb, rope = aux
+        """The remaining blocks; ControlNet residuals (added after every block, the first one's
+        included) belong here: a skipped step reuses them from the last computed step."""
+        temb, rope, controlnet = aux
         hs, ehs = first["img"], first["txt"]
-        for block in [*model.transformer_blocks[1:], *model.single_transformer_blocks]:
-            ehs, hs = block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb, image_rotary_emb=rope)
+        stacks = (model.transformer_blocks, model.single_transformer_blocks)
+        for stack, samples in zip(stacks, controlnet):
+            for index, block in enumerate(stack):
+                if block is not model.transformer_blocks[0]:
+                    ehs, hs = block(hidden_states=hs, encoder_hidden_states=ehs, temb=temb, image_rotary_emb=rope)
+                if samples is not None:
+                    hs = hs + samples[index // math.ceil(len(stack) / len(samples))]
         return {"img": hs}
 
     def tail(final, aux):

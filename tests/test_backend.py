@@ -83,6 +83,22 @@ def test_sampling_matches_reference(name, compiler, request, no_fallback):
     assert 0 < sum(cache.decisions) < STEPS, "the test needs both skipped and computed steps"
 
 
+def test_controlnet_residuals_between_blocks(flux, no_fallback):
+    """FLUX adds ControlNet samples after every block: a skipped step must stay a correct
+    program (the samples picked by index move out of the skipped blocks)."""
+    generator = torch.Generator().manual_seed(1)
+    samples = {
+        "controlnet_block_samples": [0.1 * torch.randn(1, 16, 16, generator=generator)],
+        "controlnet_single_block_samples": [0.1 * torch.randn(1, 16, 16, generator=generator) for _ in range(2)],
+    }
+    case = models.Case(**{**vars(flux), "inputs": {**flux.inputs, **samples}})
+    stages_latent, _ = run_reference(case, ReferenceFBCache(0.0), steps=2)
+    torch.testing.assert_close(stages_latent, run_backend(case, case.model, steps=2)[0])  # stages == model
+    cache = ReferenceFBCache(case.mixed_threshold)
+    assert_matches_reference(case, compiled(case.model, residual_diff_threshold=case.mixed_threshold, compiler="eager"), cache)
+    assert any(cache.decisions)
+
+
 def test_discovers_the_expected_blocks(flux, sd3, sdxl_unet, no_fallback):
     for case in (flux, sd3, sdxl_unet):
         run_backend(case, compiled(case.model, compiler="eager"), steps=1)
