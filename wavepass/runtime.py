@@ -69,11 +69,12 @@ class _State:
     signature: tuple | None = None
     signal: torch.Tensor | None = None
     residuals: tuple[torch.Tensor, ...] = ()
+    strides: tuple[tuple[int, ...], ...] = ()  # of each stream's result at that call
     calls: int = 0
     hits_in_row: int = 0
 
     def clear(self) -> None:
-        self.signal, self.residuals, self.calls, self.hits_in_row = None, (), 0, 0
+        self.signal, self.residuals, self.strides, self.calls, self.hits_in_row = None, (), (), 0, 0
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,8 @@ class CachedProgram:
                 values[slot] = value
             skip = self._decide(state, outputs[-1])
             if skip:
-                for (source, result), residual in zip(w.streams, state.residuals):
-                    values[result] = values[source] + residual
+                for (source, result), residual, stride in zip(w.streams, state.residuals, state.strides):
+                    values[result] = _add_strided(values[source], residual, stride)
             else:
                 outputs_rest = self._rest(*[values[i] for i in w.rest_in])
                 for slot, value in zip(w.rest_out, outputs_rest):
@@ -131,6 +132,7 @@ class CachedProgram:
                 if self._options.may_skip:
                     state.signal = outputs[-1]
                     state.residuals = tuple(outputs_rest[len(w.rest_out):])
+                    state.strides = tuple(values[result].stride() for _, result in w.streams)
             result = self._tail(*[values[i] for i in w.tail_in])
         except BaseException:
             state.clear()
@@ -179,6 +181,13 @@ class CachedProgram:
 
     def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
         return self._calls, self._hits, list(self._decisions)
+
+
+def _add_strided(source: torch.Tensor, residual: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:
+    """source + residual, laid out as the skipped blocks lay out their result (a slice of a
+    concatenation is not contiguous, and compiled code after it expects its strides)."""
+    out = torch.empty_strided(source.shape, stride, dtype=source.dtype, device=source.device)
+    return torch.add(source, residual, out=out)
 
 
 def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:

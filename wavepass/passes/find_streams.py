@@ -108,29 +108,41 @@ def _same_extent(a: Node, b: Node) -> bool:
     )
 
 
-def _through_slice(node: Node, region: _Region | None) -> list[tuple[Node, _Region | None]]:
-    """`source[..., a:b, ...]`: the region of `source` that this slice reads."""
+def slice_region(node: Node) -> tuple[Node, _Region] | None:
+    """For `source[..., a:b, ...]` (one sliced dimension, unit step): `(source, region)`."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return None
     source, index = node.args
     source_value = example_value(source) if isinstance(source, Node) else None
     if not isinstance(source_value, torch.Tensor):
-        return []
+        return None
     index = index if isinstance(index, tuple) else (index,)
     if any(i is Ellipsis or i is None for i in index) or not all(isinstance(i, slice) for i in index):
-        return []
+        return None
     sliced = [(d, i) for d, i in enumerate(index) if i != slice(None)]
     if len(sliced) != 1:
-        return []
+        return None
     dim, piece = sliced[0]
-    size = source_value.shape[dim]
-    bounds = _bounds(piece, size)
-    if bounds is None:
+    bounds = _bounds(piece, source_value.shape[dim])
+    return (source, _Region(dim, *bounds)) if bounds is not None else None
+
+
+def disjoint(a: _Region, b: _Region) -> bool:
+    """Whether two regions of one tensor provably share no element."""
+    return a.dim == b.dim and (_known(a.stop <= b.start) or _known(b.stop <= a.start))
+
+
+def _through_slice(node: Node, region: _Region | None) -> list[tuple[Node, _Region | None]]:
+    """`source[..., a:b, ...]`: the region of `source` that this slice reads."""
+    found = slice_region(node)
+    if found is None:
         return []
-    start, stop = bounds
+    source, (dim, start, stop) = found
     if region is not None:
         if region.dim != dim:
             return []
         start, stop = start + region.start, start + region.stop
-    return [(source, _whole_or(_Region(dim, start, stop), size))]
+    return [(source, _whole_or(_Region(dim, start, stop), example_value(source).shape[dim]))]
 
 
 def _through_cat(node: Node, region: _Region | None) -> list[tuple[Node, _Region | None]]:

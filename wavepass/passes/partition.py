@@ -22,9 +22,11 @@ that ran `rest`), which is First Block Cache. The cut is correct when, and only 
   sample picked by index) are needed by `tail` on skipped steps: they move to `head`;
 - `rest` writes in place into no value that `tail` reads or the caller sees.
 
-Otherwise the pass raises `UnsafeCut` with the reason. Copies of `s_j` are taken only where
-`rest` writes into its inputs in place (ComfyUI's blocks do `img += ...`), and the copy of the
-first block's input is taken before the block runs, so in-place code cannot zero a residual.
+Otherwise the pass raises `UnsafeCut` with the reason. In-place block code (ComfyUI's blocks
+do `img += ...`) is kept correct by copies: the first block's input is copied before the block
+runs (for the signal), and `rest` and `tail` write into copies of their inputs, never into
+the inputs themselves (so residuals are measured against unwritten sources, and aliasing
+between inputs cannot differ between the trace and a skipped step).
 
 The input graph is not changed; the pieces are new `GraphModule`s that share its attributes.
 """
@@ -40,7 +42,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
-from .find_streams import trace_stream
+from .find_streams import disjoint, slice_region, trace_stream
 from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape
 
 
@@ -202,13 +204,23 @@ def _numel_hint(node: Node) -> int:
 
 
 def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None) -> Piece:
-    """A new GraphModule running `nodes`; `before(graph, env, node)` may add nodes as they are copied."""
+    """A new GraphModule running `nodes`.
+
+    Inputs that `nodes` write into in place are copied first and the copies are written
+    instead, so no piece but the head (whose inputs are the model's) mutates its inputs: a
+    piece's inputs may alias one another differently at run time (a skipped step builds them
+    afresh) than in the trace. `before(graph, env, node)` may add nodes as they are copied;
+    `after(graph, env, placeholders)` returns extra outputs.
+    """
     graph = Graph()
     env: dict[Node, Node] = {}
+    placeholders: dict[Node, Node] = {}
     for value in inputs:
         placeholder = graph.placeholder(value.name)
         placeholder.meta = dict(value.meta)
-        env[value] = placeholder
+        placeholders[value] = env[value] = placeholder
+    for value in _inputs_written_in_place(nodes, inputs):
+        env[value] = _copy(graph, placeholders[value], f"{value.name}_copy")
     for node in nodes:
         if before is not None:
             before(graph, env, node)
@@ -217,57 +229,70 @@ def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None
         graph.node_copy(output_node, env.__getitem__)
         outs = tuple(output_node.all_input_nodes)
     else:
-        extra = after(graph, env) if after is not None else ()
+        extra = after(graph, env, placeholders) if after is not None else ()
         graph.output(tuple(env[n] for n in outputs) + tuple(extra))
         outs = tuple(outputs)
     graph.lint()
     return Piece(GraphModule(gm, graph), tuple(inputs), outs)
 
 
+def _inputs_written_in_place(nodes, inputs) -> list[Node]:
+    """Inputs (or views of them) that `nodes` write into, when copying each is exact: inputs
+    that share a base must be provably disjoint slices of it (FLUX's `h[:, :T]`, `h[:, T:]`)."""
+    written = {alias_root(n.args[0]) for n in nodes if is_inplace(n) and isinstance(n.args[0], Node)}
+    copied = [v for v in inputs if v.op != "placeholder" and alias_root(v) in written]
+    by_base: dict[Node, list[Node]] = {}
+    for value in copied:
+        by_base.setdefault(alias_root(value), []).append(value)
+    for base, views in by_base.items():
+        if len(views) < 2:
+            continue
+        regions = [slice_region(v) for v in views]
+        if any(r is None or r[0] is not base for r in regions) or not all(
+            disjoint(a[1], b[1]) for i, a in enumerate(regions) for b in regions[i + 1 :]
+        ):
+            raise UnsafeCut(
+                f"the blocks write in place into views of `{base.name}` that may overlap"
+            )
+    return copied
+
+
 def _copy(graph: Graph, value: Node, name: str) -> Node:
-    copy = graph.call_function(torch.clone, (value,))
-    copy.name = name
-    return copy
+    return graph.create_node("call_function", torch.clone, (value,), name=name)
+
+
+def _sub(graph: Graph, a: Node, b: Node, name: str) -> Node:
+    return graph.create_node("call_function", torch.sub, (a, b), name=name)
 
 
 def _build_head(gm, head, outputs, main: Stream, main_input: Node | None, first_node: Node) -> Piece:
-    """Head = prologue + first block; it also returns the signal that decides a skip."""
+    """Head = prologue + first block; it also returns the signal that decides a skip.
+
+    The first block's input is copied before the block runs: in-place block code would
+    otherwise make "output minus input" zero.
+    """
     copies: dict[str, Node] = {}
 
     def before(graph, env, node):
         if node is first_node and main_input is not None:
             copies["input"] = _copy(graph, env[main_input], "wavepass_block_input")
 
-    def after(graph, env):
+    def after(graph, env, placeholders):
         output = env[main.source]
         if main_input is None:
             return (_copy(graph, output, "wavepass_signal"),)
-        signal = graph.call_function(torch.sub, (output, copies["input"]))
-        signal.name = "wavepass_signal"
-        return (signal,)
+        return (_sub(graph, output, copies["input"], "wavepass_signal"),)
 
     return _build(gm, head, _inputs_of(head, set(head)), outputs, before=before, after=after)
 
 
 def _build_rest(gm, rest, rest_set, outputs, streams) -> Piece:
-    """Rest = the remaining blocks; it also returns `result - source` for every stream."""
-    written = {alias_root(n.args[0]) for n in rest if is_inplace(n) and isinstance(n.args[0], Node)}
-    first = rest[0]
-    copies: dict[Node, Node] = {}
+    """Rest = the remaining blocks; it also returns `result - source` for every stream
+    (the sources are its inputs, which it never writes into: see `_build`)."""
 
-    def before(graph, env, node):
-        if node is first:
-            for stream in streams:
-                if stream.source in written and stream.source not in copies:
-                    copies[stream.source] = _copy(graph, env[stream.source], "wavepass_stream_input")
+    def after(graph, env, placeholders):
+        return tuple(
+            _sub(graph, env[s.result], placeholders[s.source], "wavepass_residual") for s in streams
+        )
 
-    def after(graph, env):
-        residuals = []
-        for stream in streams:
-            base = copies.get(stream.source, env[stream.source])
-            residual = graph.call_function(torch.sub, (env[stream.result], base))
-            residual.name = "wavepass_residual"
-            residuals.append(residual)
-        return tuple(residuals)
-
-    return _build(gm, rest, _inputs_of(rest, rest_set), outputs, before=before, after=after)
+    return _build(gm, rest, _inputs_of(rest, rest_set), outputs, after=after)
