@@ -302,6 +302,45 @@ def test_model_without_blocks_warns_once_and_stays_correct():
     assert len([w for w in record if "wavespeed" in str(w.message)]) == 1
 
 
+class InPlaceBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x += self.a(x).tanh()
+        return x
+
+
+class ReadsWhatTheBlocksWrite(torch.nn.Module):
+    """The epilogue reads the first block's output, which the next blocks update in place:
+    skipping them would leave it unwritten, so the cut is unsafe."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.blocks = torch.nn.ModuleList(InPlaceBlock() for _ in range(3))
+
+    def forward(self, x):
+        x = self.blocks[0](self.embed(x))
+        first = x[:, :4]
+        for block in self.blocks[1:]:
+            x = block(x)
+        return self.out(x), first
+
+
+def test_unsafe_cut_warns_and_stays_correct():
+    torch.manual_seed(0)
+    model = ReadsWhatTheBlocksWrite().eval()
+    c = compiled(model, residual_diff_threshold=10.0, compiler="eager")
+    with pytest.warns(UserWarning, match="write in place into"):
+        for _ in range(3):
+            x = torch.randn(2, 8)
+            for out, ref in zip(c(x), model(x)):
+                torch.testing.assert_close(out, ref)
+    assert wavepass.stats(model).calls == 0
+
+
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 @pytest.mark.parametrize("where, caches", [("prologue", True), ("block", False)])
 def test_graph_breaks_stay_correct(compiler, where, caches):

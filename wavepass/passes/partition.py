@@ -95,7 +95,7 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
     head += hoisted
     rest = [n for n in rest if n not in set(hoisted)]
     rest_set = set(rest)
-    _check_no_outside_writes(rest, rest_set, tail_set)
+    _check_no_outside_writes(nodes, rest, rest_set, tail_set)
 
     results = [n for n in rest if any(user in tail_set for user in n.users)]
     sources = sorted((n for n in _inputs_of(rest, rest_set) if is_tensor(n)), key=position.__getitem__)
@@ -149,14 +149,17 @@ def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_block:
     return moved
 
 
-def _check_no_outside_writes(rest: list[Node], rest_set: set[Node], tail: set[Node]) -> None:
-    for node in rest:
-        if not is_inplace(node) or not isinstance(node.args[0], Node):
-            continue
-        root = alias_root(node.args[0])
-        if root in rest_set:
-            continue
-        if root.op == "placeholder" or any(user in tail for user in root.users):
+def _check_no_outside_writes(nodes: list[Node], rest: list[Node], rest_set: set[Node], tail: set[Node]) -> None:
+    """`rest` may write in place only into values (and views of them) that nothing after it reads."""
+    written = {alias_root(n.args[0]) for n in rest if is_inplace(n) and isinstance(n.args[0], Node)}
+    written -= rest_set
+    if not written:
+        return
+    for node in nodes:
+        root = alias_root(node)
+        if root in written and node not in rest_set and (
+            root.op == "placeholder" or any(user in tail for user in node.users)
+        ):
             raise UnsafeCut(
                 f"the blocks write in place into `{root.name}`, which the model's caller or its "
                 "epilogue reads; a skipped step would leave it unwritten"
