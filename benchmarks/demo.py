@@ -16,10 +16,11 @@ compilation for the compiled ones), the median time per denoising step over repe
 the speed-up over eager, how many steps the cache skipped, and how far the final latent
 drifts from the eager one (max abs difference and a PSNR-like figure).
 
-Run from the repository root:  python benchmarks/demo.py [--size tiny] [--steps 28]
+Run from the repository root:  python benchmarks/demo.py [--size tiny] [--json results.json]
 """
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -67,7 +68,8 @@ def parse_args():
     parser.add_argument("--threshold", type=float, default=0.12,
                         help="wavespeed residual_diff_threshold")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeats", type=int, default=3, help="measured runs per configuration")
+    parser.add_argument("--repeats", type=int, default=5, help="measured runs per configuration")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     return parser.parse_args()
 
 
@@ -177,15 +179,36 @@ def accuracy(latent, ref):
     return diff.abs().max().item(), psnr
 
 
-def print_table(results):
+def table_rows(results):
+    """One dict per configuration, against the eager baseline measured in the same run."""
     eager = results[0]
-    print(f"{'config':<10} {'compile+1st(s)':>14} {'ms/step':>9} {'speed-up':>8} "
-          f"{'hits':>6} {'max|diff|':>9} {'PSNR(dB)':>8}")
+    rows = []
     for r in results:
         max_diff, psnr = accuracy(r.latent, eager.latent)
-        print(f"{r.name:<10} {r.first_run_s:>14.2f} {r.ms_per_step:>9.2f} "
-              f"{eager.ms_per_step / r.ms_per_step:>7.2f}x {r.hits:>6} "
-              f"{max_diff:>9.2e} {psnr:>8.1f}")
+        rows.append(dict(config=r.name, compile_and_first_run_s=r.first_run_s,
+                         ms_per_step=r.ms_per_step, speedup_vs_eager=eager.ms_per_step / r.ms_per_step,
+                         cache_hits=r.hits, max_abs_diff=max_diff, psnr_db=psnr))
+    return rows
+
+
+def print_table(rows):
+    print(f"{'config':<10} {'compile+1st(s)':>14} {'ms/step':>9} {'speed-up':>8} "
+          f"{'hits':>6} {'max|diff|':>9} {'PSNR(dB)':>8}")
+    for row in rows:
+        print(f"{row['config']:<10} {row['compile_and_first_run_s']:>14.2f} {row['ms_per_step']:>9.2f} "
+              f"{row['speedup_vs_eager']:>7.2f}x {row['cache_hits']:>6} "
+              f"{row['max_abs_diff']:>9.2e} {row['psnr_db']:>8.1f}")
+
+
+def write_json(path, args, rows, decisions):
+    finite_rows = [{k: None if isinstance(v, float) and math.isinf(v) else v for k, v in row.items()}
+                   for row in rows]  # strict JSON has no Infinity: an exact match has PSNR null
+    record = dict(torch=torch.__version__, diffusers=diffusers.__version__, device="cpu",
+                  threads=torch.get_num_threads(), settings=vars(args), rows=finite_rows,
+                  wavespeed_decisions=decisions)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2, default=str)
+        f.write("\n")
 
 
 def main():
@@ -207,8 +230,11 @@ def main():
     wavespeed, decisions = run_wavespeed(model, inputs, args)
     results.append(wavespeed)
 
-    print_table(results)
+    rows = table_rows(results)
+    print_table(rows)
     print(f"wavespeed decisions (last run, X = skipped): {decisions or '(none recorded)'}")
+    if args.json:
+        write_json(args.json, args, rows, decisions)
 
 
 if __name__ == "__main__":
