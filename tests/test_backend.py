@@ -127,6 +127,21 @@ def test_limits_follow_the_reference(flux, options, no_fallback):
     assert "X" in decisions or max_hits == 0
 
 
+def test_skipping_window(flux, no_fallback):
+    """Outside the window every step computes; inside, the cache works from what they stored."""
+    model = compiled(flux.model, residual_diff_threshold=10.0, compiler="eager")
+    window = range(3, 7)
+    steps = iter(range(STEPS))
+
+    def call(latent, t):
+        with wavepass.skipping(next(steps) in window):
+            return model(**flux.call_kwargs(latent, t))[0]
+
+    models.sample(flux, call, STEPS)
+    decisions = wavepass.stats(model).decisions
+    assert decisions == tuple(step in window for step in range(STEPS))
+
+
 def test_reset_starts_a_new_generation(flux, no_fallback):
     model = compiled(flux.model, residual_diff_threshold=flux.mixed_threshold, compiler="eager")
     first_latent, _ = run_backend(flux, model)

@@ -10,6 +10,7 @@ above works without `import wavepass`. This module adds the runtime API:
     wavepass.reset(model)            start a new generation (forget stored residuals)
     wavepass.stats(model)            Stats(calls, hits, decisions) since the last reset
     with wavepass.cache_context(n):  separate cache state per name (e.g. CFG branches)
+    with wavepass.skipping(False):   calls inside run every block (start/end windows)
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from torch._dynamo import list_backends, register_backend
 
 from .backend import wavespeed
 from .options import CacheOptions
-from .runtime import Stats, cache_context, reset, stats
+from .runtime import Stats, cache_context, reset, skipping, stats
 
-__all__ = ["CacheOptions", "Stats", "cache_context", "reset", "stats", "wavespeed"]
+__all__ = ["CacheOptions", "Stats", "cache_context", "reset", "skipping", "stats", "wavespeed"]
 __version__ = "0.1.0"
 
 if "wavespeed" not in list_backends(exclude_tags=()):

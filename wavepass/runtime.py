@@ -36,6 +36,7 @@ from .options import CacheOptions
 DEFAULT_CONTEXT = "default"
 _DECISIONS_KEPT = 10_000
 _context: ContextVar[str] = ContextVar("wavepass_cache_context", default=DEFAULT_CONTEXT)
+_skipping_allowed: ContextVar[bool] = ContextVar("wavepass_skipping_allowed", default=True)
 _sequence = itertools.count()
 _programs: weakref.WeakSet[CachedProgram] = weakref.WeakSet()
 
@@ -62,6 +63,19 @@ def cache_context(name: str) -> Iterator[None]:
         yield
     finally:
         _context.reset(token)
+
+
+@contextmanager
+def skipping(allowed: bool) -> Iterator[None]:
+    """`with wavepass.skipping(False):` calls inside run every block (and refresh the cache).
+
+    Integrations use it for the start/end window of sampling: outside it, every step computes.
+    """
+    token = _skipping_allowed.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _skipping_allowed.reset(token)
 
 
 @dataclass
@@ -148,6 +162,7 @@ class CachedProgram:
         state.calls += 1
         if (
             not opts.may_skip
+            or not _skipping_allowed.get()
             or state.signal is None
             or state.calls <= opts.warmup_steps
             or 0 < opts.max_consecutive_cache_hits <= state.hits_in_row
