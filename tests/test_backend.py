@@ -304,6 +304,20 @@ class Block(torch.nn.Module):
         return x + self.b(x).tanh()
 
 
+def test_inference_mode_weights_and_calls(no_fallback):
+    """ComfyUI loads and runs models under torch.inference_mode(): inference tensors have no
+    version counter, and the cache must still work."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = Blocks().eval()
+        c = compiled(model, residual_diff_threshold=10.0, compiler="eager")
+        x = torch.randn(2, 8)
+        outputs = [c(x), c(x)]
+    torch.testing.assert_close(outputs[0], model(x))
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert wavepass.stats(model).decisions == (False, True)
+
+
 def test_model_without_blocks_warns_once_and_stays_correct():
     model = NoBlocks()
     c = compiled(model, compiler="eager")

@@ -179,7 +179,8 @@ class CachedProgram:
             (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
             for a in (args[i] for i in w.activations)
         )
-        weights = tuple((id(args[i]), args[i]._version) for i in w.parameters)
+        weights = tuple((id(p), None if p.is_inference() else p._version)
+                        for p in (args[i] for i in w.parameters))
         return activations, weights
 
     def reset(self) -> None:
