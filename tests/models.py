@@ -126,14 +126,10 @@ def sd3(seed: int = 0, size: int = 8) -> Case:
     return Case(model, inputs, "hidden_states", (head, rest, tail), blocks, 1.0)
 
 
-def sdxl_unet(seed: int = 0, size: int = 8) -> Case:
-    """An SDXL-shaped UNet (text_time added conditioning, cross-attention down/up blocks).
-
-    The cache rule for UNets: the first block is down_blocks[0]; the residual spans from its
-    last full-resolution output to the output of the up path; conv_norm_out/conv_out always run.
-    """
-    torch.manual_seed(seed)
-    model = UNet2DConditionModel(
+def tiny_sdxl_unet(size: int = 8) -> UNet2DConditionModel:
+    """SDXL's UNet layout at toy size: text_time added conditioning (8-dim text embeds, six
+    time ids), cross-attention (16-dim context) in the lower down and up blocks."""
+    return UNet2DConditionModel(
         sample_size=size, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(8, 16, 16), norm_num_groups=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -142,6 +138,16 @@ def sdxl_unet(seed: int = 0, size: int = 8) -> Case:
         addition_embed_type="text_time", addition_time_embed_dim=4,
         projection_class_embeddings_input_dim=8 + 6 * 4,
     ).eval()
+
+
+def sdxl_unet(seed: int = 0, size: int = 8) -> Case:
+    """An SDXL-shaped UNet (text_time added conditioning, cross-attention down/up blocks).
+
+    The cache rule for UNets: the first block is down_blocks[0]; the residual spans from its
+    last full-resolution output to the output of the up path; conv_norm_out/conv_out always run.
+    """
+    torch.manual_seed(seed)
+    model = tiny_sdxl_unet(size)
     inputs = dict(
         sample=torch.randn(1, 4, size, size), encoder_hidden_states=torch.randn(1, 6, 16),
         added_cond_kwargs={"text_embeds": torch.randn(1, 8), "time_ids": torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)},

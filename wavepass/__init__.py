@@ -19,9 +19,12 @@ from torch._dynamo import list_backends, register_backend
 
 from .backend import wavespeed
 from .options import CacheOptions
-from .runtime import Stats, cache_context, reset, skipping, stats
+from .runtime import Stats, cache_context, current_context, reset, skipping, stats
 
-__all__ = ["CacheOptions", "Stats", "cache_context", "reset", "skipping", "stats", "wavespeed"]
+__all__ = [
+    "CacheOptions", "Stats", "cache_context", "current_context", "reset", "skipping", "stats",
+    "wavespeed",
+]
 __version__ = "0.1.0"
 
 if "wavespeed" not in list_backends(exclude_tags=()):

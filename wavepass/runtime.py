@@ -65,6 +65,11 @@ def cache_context(name: str) -> Iterator[None]:
         _context.reset(token)
 
 
+def current_context() -> str:
+    """The name of the cache context calls are made in now (`DEFAULT_CONTEXT` outside any)."""
+    return _context.get()
+
+
 @contextmanager
 def skipping(allowed: bool) -> Iterator[None]:
     """`with wavepass.skipping(False):` calls inside run every block (and refresh the cache).

@@ -1,0 +1,197 @@
+"""wavepass for diffusers pipelines: First Block Cache + Inductor on a pipeline's denoiser.
+
+    from wavepass_diffusers import apply_wavespeed
+
+    handle = apply_wavespeed(pipe, residual_diff_threshold=0.12)
+    image = pipe(prompt, num_inference_steps=28).images[0]
+    print(wavepass.stats(pipe.transformer))
+    handle.remove()                      # or remove_wavespeed(pipe): the plain pipeline again
+
+How it works (each point is a decision; the code below implements it):
+
+- The denoiser (`pipe.transformer`, else `pipe.unet`) is compiled *in place*, the way
+  `nn.Module.compile` does it: `torch.compile(denoiser._call_impl, backend="wavespeed", ...)`
+  is stored as `denoiser._compiled_call_impl` (which `nn.Module.__call__` runs instead of
+  `_call_impl`), behind a small Python wrapper. `pipe.transformer` stays the same object, so
+  its `.config`, `.dtype` and `cache_context` keep working and the pipeline is not rebuilt.
+- A new pipeline call starts a new generation (`wavepass.reset(denoiser)`): the wrapper sees
+  that `pipe.scheduler.timesteps` is another tensor object than at its last call (every
+  pipeline calls `scheduler.set_timesteps`, which makes a new one). The scheduler is read at
+  every call, so replacing `pipe.scheduler` works.
+- The start/end window: a call at step i of N runs under `wavepass.skipping(start <= i/N < end)`,
+  i being `scheduler.step_index` (None before the first `scheduler.step` means the scheduler's
+  `begin_index`, else 0) and N `len(scheduler.timesteps)`. Both count in scheduler entries, so
+  second-order schedulers (Heun, KDPM2: one entry and one `step` per model call) get the same
+  fraction of the schedule. For img2img pipelines that start part-way into the schedule, the
+  window is a fraction of the whole schedule (as for ComfyUI's start/end percent). Schedulers
+  without a `step_index` (e.g. DDIM) fall back to counting the denoiser's calls per cache
+  context since the generation began. A denoiser called outside a pipeline call (no
+  timesteps set) may skip, with no window.
+- CFG branches: pipelines that call the denoiser once per branch wrap each call in
+  `denoiser.cache_context("cond")` / `("uncond")` (diffusers' `CacheMixin`, e.g. Flux with
+  `true_cfg_scale`, Wan). The instance's `cache_context` is wrapped to also enter
+  `wavepass.cache_context(name)`, so each branch keeps its own cache state. Pipelines that
+  batch both branches in one call (SDXL, SD3) need nothing: the batch is one state.
+- `handle.remove()` / `remove_wavespeed(pipe)` restore the module's previous
+  `_compiled_call_impl` and `cache_context` and forget the handle.
+
+Limitations: only `pipe.transformer` (or `pipe.unet`) is compiled, not a second denoiser such
+as Wan 2.2's `transformer_2`; a pipeline made with `from_pipe` shares the compiled denoiser but
+its scheduler is not watched (apply to that pipeline instead, after removing from the first).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import weakref
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+import wavepass
+
+__all__ = ["WavespeedHandle", "apply_wavespeed", "remove_wavespeed"]
+
+_ATTRIBUTE = "_wavepass_handle"  # on the pipeline: the handle of the applied wavespeed
+_MISSING = object()
+
+
+class WavespeedHandle:
+    """What `apply_wavespeed` did to a pipeline; `remove()` undoes it."""
+
+    def __init__(self, pipe: Any, denoiser: torch.nn.Module, name: str, start: float, end: float) -> None:
+        self.denoiser = denoiser
+        self.denoiser_name = name  # "transformer" or "unet"
+        self.start, self.end = start, end
+        self._pipe = weakref.ref(pipe)
+        self._timesteps: torch.Tensor | None = None  # scheduler.timesteps at the last call
+        self._calls: dict[str, int] = {}  # calls per cache context in this generation (fallback)
+        self._previous_compiled: Any = None
+        self._previous_cache_context: Any = _MISSING
+        self._removed = False
+
+    # The wrapper stored as denoiser._compiled_call_impl.
+    def _call(self, compiled, *args: Any, **kwargs: Any) -> Any:
+        allowed = self._window_allows_skipping()
+        with wavepass.skipping(allowed):
+            return compiled(*args, **kwargs)
+
+    def _window_allows_skipping(self) -> bool:
+        pipe = self._pipe()
+        scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
+        timesteps = getattr(scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.numel() == 0:
+            return True  # not inside a pipeline call: no schedule to place the call in
+        if timesteps is not self._timesteps:  # set_timesteps ran: a new pipeline call
+            self._timesteps = timesteps
+            self._calls.clear()
+            wavepass.reset(self.denoiser)
+        if hasattr(scheduler, "step_index"):
+            index = scheduler.step_index
+            if index is None:
+                index = getattr(scheduler, "begin_index", None) or 0
+        else:
+            context = wavepass.current_context()
+            index = self._calls.get(context, 0)
+            self._calls[context] = index + 1
+        return self.start <= index / len(timesteps) < self.end
+
+    def remove(self) -> None:
+        """Undo `apply_wavespeed`: the denoiser runs uncompiled and uncached again."""
+        if self._removed:
+            return
+        self._removed = True
+        self.denoiser._compiled_call_impl = self._previous_compiled
+        if self._previous_cache_context is _MISSING:
+            self.denoiser.__dict__.pop("cache_context", None)
+        else:
+            self.denoiser.__dict__["cache_context"] = self._previous_cache_context
+        pipe = self._pipe()
+        if pipe is not None and pipe.__dict__.get(_ATTRIBUTE) is self:
+            del pipe.__dict__[_ATTRIBUTE]
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else "applied"
+        return f"WavespeedHandle({self.denoiser_name}, start={self.start}, end={self.end}, {state})"
+
+
+def apply_wavespeed(pipe: Any, residual_diff_threshold: float = 0.12, start: float = 0.0, end: float = 1.0,
+                    max_consecutive_cache_hits: int = -1, compile: bool = True, mode: str | None = None,
+                    dynamic: bool | None = None) -> WavespeedHandle:
+    """Compile `pipe`'s denoiser with the `wavespeed` backend, in place; returns a handle whose
+    `remove()` undoes it (as does `remove_wavespeed(pipe)`).
+
+    residual_diff_threshold, max_consecutive_cache_hits: the backend's options (see README).
+    start, end: caching is allowed for steps i of N with start <= i/N < end (0 <= start < end <= 1);
+        the other steps run every block.
+    compile: True compiles every piece with Inductor; False runs the same cached program
+        without compiling (`compiler="eager"`: caching only, fast to start).
+    mode, dynamic: passed to `torch.compile` (mode goes to Inductor).
+
+    Each pipeline call starts a new generation; `wavepass.stats(pipe.transformer)` (or
+    `pipe.unet`) reports the skipped calls of the last one.
+    """
+    if not (isinstance(start, (int, float)) and isinstance(end, (int, float))
+            and math.isfinite(start) and math.isfinite(end) and 0 <= start < end <= 1):
+        raise ValueError(
+            f"apply_wavespeed: start and end are fractions of the sampling steps with "
+            f"0 <= start < end <= 1 (e.g. start=0.0, end=1.0), got start={start!r}, end={end!r}"
+        )
+    if pipe.__dict__.get(_ATTRIBUTE) is not None:
+        raise RuntimeError(
+            "apply_wavespeed: this pipeline already has wavespeed applied; call "
+            "remove_wavespeed(pipe) (or handle.remove()) first to apply it with other settings"
+        )
+    name, denoiser = _denoiser_of(pipe)
+    options = {
+        "residual_diff_threshold": residual_diff_threshold,
+        "max_consecutive_cache_hits": max_consecutive_cache_hits,
+        "compiler": "inductor" if compile else "eager",
+    }
+    if mode is None:
+        compiled = torch.compile(denoiser._call_impl, backend="wavespeed", options=options, dynamic=dynamic)
+    else:
+        # torch.compile refuses options= together with mode=, so both go to the backend directly.
+        backend = functools.partial(wavepass.wavespeed, options=options, mode=mode)
+        compiled = torch.compile(denoiser._call_impl, backend=backend, dynamic=dynamic)
+
+    handle = WavespeedHandle(pipe, denoiser, name, float(start), float(end))
+    handle._previous_compiled = denoiser._compiled_call_impl
+    handle._previous_cache_context = denoiser.__dict__.get("cache_context", _MISSING)
+    denoiser._compiled_call_impl = functools.partial(handle._call, compiled)
+    if callable(getattr(denoiser, "cache_context", None)):
+        denoiser.__dict__["cache_context"] = _branch_context(getattr(denoiser, "cache_context"))
+    pipe.__dict__[_ATTRIBUTE] = handle
+    return handle
+
+
+def remove_wavespeed(pipe: Any) -> None:
+    """Undo `apply_wavespeed(pipe)`; a pipeline without it is left as it is."""
+    handle = pipe.__dict__.get(_ATTRIBUTE)
+    if handle is not None:
+        handle.remove()
+
+
+def _denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
+    for name in ("transformer", "unet"):
+        module = getattr(pipe, name, None)
+        if isinstance(module, torch.nn.Module):
+            return name, module
+    raise ValueError(
+        f"apply_wavespeed: {type(pipe).__name__} has no `transformer` or `unet` module to compile; "
+        f"compile the denoiser itself with torch.compile(model, backend=\"wavespeed\", options=...)"
+    )
+
+
+def _branch_context(original):
+    """`denoiser.cache_context(name, ...)` that also keeps separate wavepass state per name."""
+
+    @functools.wraps(original)
+    @contextmanager
+    def cache_context(name: str, *args: Any, **kwargs: Any) -> Iterator[None]:
+        with original(name, *args, **kwargs), wavepass.cache_context(name):
+            yield
+
+    return cache_context
