@@ -3,9 +3,9 @@
 A transformer block updates its streams through residual connections (`x = x + f(x)`), so
 the value a stream ends with is reachable from the value it started with along *identity
 paths*: additions (either same-shaped operand), the first operand of a subtraction,
-rescaling by a constant, dtype casts, copies, clamps, and slices of concatenations (FLUX's single blocks concatenate the
-text and image streams and split them again: the slice `h[:, T:]` of `cat([txt, img])`
-leads back to `img`, not `txt`).
+rescaling by a constant, dtype casts, copies, clamps, and slices of concatenations (FLUX's
+single blocks concatenate the text and image streams and split them again: the slice
+`h[:, T:]` of `cat([txt, img])` leads back to `img`, not `txt`).
 
     rest of the blocks                         trace_stream(out, candidates=[img0, txt0])
     ------------------------------------       ------------------------------------------
@@ -27,7 +27,7 @@ import torch
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from .fx_facts import example_value, same_shape
+from .fx_facts import example_value, same_shape, same_sizes
 
 _ADD = frozenset({operator.add, operator.iadd, torch.add})
 _SUB = frozenset({operator.sub, operator.isub, torch.sub})
@@ -94,18 +94,8 @@ def _identity_sources(node: Node, region: _Region | None) -> list[tuple[Node, _R
         return [(args[0], region)] if isinstance(scalar, (int, float)) else []
     if (node.op == "call_function" and target in (_SUB | _CLAMP)) or name in _SAME_VALUE_METHODS:
         source = args[0]
-        return [(source, region)] if _same_extent(source, node) else []
+        return [(source, region)] if same_sizes(source, node) else []
     return []
-
-
-def _same_extent(a: Node, b: Node) -> bool:
-    va, vb = example_value(a), example_value(b)
-    return (
-        isinstance(va, torch.Tensor)
-        and isinstance(vb, torch.Tensor)
-        and va.dim() == vb.dim()
-        and all(_known(x == y) for x, y in zip(va.shape, vb.shape))
-    )
 
 
 def slice_region(node: Node) -> tuple[Node, _Region] | None:

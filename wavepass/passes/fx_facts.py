@@ -60,11 +60,6 @@ def _block_entry(node: Node) -> tuple[BlockTag, int] | None:
     return None
 
 
-def has_module(node: Node) -> bool:
-    """Whether `node` ran inside some submodule's forward (not in the root module's own code)."""
-    return bool(node.meta.get("nn_module_stack"))
-
-
 def example_value(node: Node):
     """The fake value Dynamo recorded for `node` (a FakeTensor, a SymInt, a tuple, ...)."""
     if "example_value" in node.meta:
@@ -76,14 +71,26 @@ def is_tensor(node: Node) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 
 
-def same_shape(a: Node, b: Node) -> bool:
-    """Same shape, dtype and device, provably (symbolic sizes must be known equal)."""
+def same_sizes(a: Node, b: Node) -> bool:
+    """Two tensors of provably the same sizes (symbolic sizes must be known equal)."""
     va, vb = example_value(a), example_value(b)
-    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)):
-        return False
-    if va.dtype != vb.dtype or va.device != vb.device or va.dim() != vb.dim():
-        return False
-    return all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+    return (
+        isinstance(va, torch.Tensor)
+        and isinstance(vb, torch.Tensor)
+        and va.dim() == vb.dim()
+        and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+    )
+
+
+def same_shape(a: Node, b: Node) -> bool:
+    """Same sizes, dtype and device, provably."""
+    va, vb = example_value(a), example_value(b)
+    return same_sizes(a, b) and va.dtype == vb.dtype and va.device == vb.device
+
+
+def written_bases(nodes) -> set[Node]:
+    """The values (through their views) that `nodes` write into in place."""
+    return {alias_root(n.args[0]) for n in nodes if is_inplace(n) and isinstance(n.args[0], Node)}
 
 
 _INPLACE_FUNCTIONS = frozenset(

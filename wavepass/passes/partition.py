@@ -43,7 +43,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
 from .find_streams import disjoint, slice_region, trace_stream
-from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape
+from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape, written_bases
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,7 @@ def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_block:
 
 def _check_no_outside_writes(nodes: list[Node], rest: list[Node], rest_set: set[Node], tail: set[Node]) -> None:
     """`rest` may write in place only into values (and views of them) that nothing after it reads."""
-    written = {alias_root(n.args[0]) for n in rest if is_inplace(n) and isinstance(n.args[0], Node)}
-    written -= rest_set
+    written = written_bases(rest) - rest_set
     if not written:
         return
     for node in nodes:
@@ -242,7 +241,7 @@ def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None
 def _inputs_written_in_place(nodes, inputs) -> list[Node]:
     """Inputs (or views of them) that `nodes` write into, when copying each is exact: inputs
     that share a base must be provably disjoint slices of it (FLUX's `h[:, :T]`, `h[:, T:]`)."""
-    written = {alias_root(n.args[0]) for n in nodes if is_inplace(n) and isinstance(n.args[0], Node)}
+    written = written_bases(nodes)
     copied = [v for v in inputs if v.op != "placeholder" and alias_root(v) in written]
     by_base: dict[Node, list[Node]] = {}
     for value in copied:
