@@ -8,7 +8,9 @@ A model under test is written as three eager stages:
 
 `first_outputs` and `final_streams` are dicts of tensors keyed by stream name; `final_streams`
 holds the streams the epilogue reads, and `main` names the stream whose first-block residual
-(`first_outputs[main] - block_input`) decides. The rule is the one the README states.
+(`first_outputs[main] - block_input`) decides. A final stream continues the first output of
+its name, or `bases[name](first_outputs)` where given (e.g. a concatenation of two streams
+that two stacks are joined by). The rule is the one the README states.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 
 
 class ReferenceFBCache:
-    def __init__(self, threshold: float, max_consecutive_hits: int = -1, warmup_steps: int = 0, main: str = "img"):
+    def __init__(self, threshold: float, max_consecutive_hits: int = -1, warmup_steps: int = 0,
+                 main: str = "img", bases=None):
         self.threshold = threshold
+        self.bases = dict(bases or {})
         self.max_hits = max_consecutive_hits
         self.warmup = warmup_steps
         self.main = main
@@ -44,16 +48,19 @@ class ReferenceFBCache:
         change = (signal - self.signal).abs().mean() / self.signal.abs().mean()
         return bool(change < self.threshold)
 
+    def _base(self, name: str, first: dict) -> torch.Tensor:
+        return self.bases[name](first) if name in self.bases else first[name]
+
     def __call__(self, head, rest, tail, *inputs):
         block_input, first, aux = head(*inputs)
         signal = first[self.main] - block_input
         skip = self._skip(signal)
         if skip:
-            final = {name: first[name] + residual for name, residual in self.residuals.items()}
+            final = {name: self._base(name, first) + residual for name, residual in self.residuals.items()}
             self.hits_in_row += 1
         else:
             final = rest(dict(first), aux)
-            self.residuals = {name: final[name] - first[name] for name in final}
+            self.residuals = {name: final[name] - self._base(name, first) for name in final}
             self.signal = signal
             self.hits_in_row = 0
         self.decisions.append(skip)

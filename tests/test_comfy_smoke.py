@@ -110,12 +110,6 @@ def test_threshold_zero_equals_eager(diffusion_model, no_fallback):
     assert wavepass.stats(diffusion_model).decisions == (False,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wavepass limitation: the double and single stacks are joined by "
-    "torch.cat((txt, img), 1), so the region ends in a tensor no first-block output has the "
-    "shape of (UnsafeCut '... continues no first-block output'); only double_blocks are cached",
-)
 def test_cached_region_spans_double_and_single_blocks(diffusion_model, no_fallback):
     call(compile_eager(diffusion_model, 0.0), inputs())
     programs = programs_of(diffusion_model)

@@ -28,7 +28,7 @@ epilogue).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch._dynamo
@@ -56,6 +56,8 @@ GLUES = (
     "arithmetic",  # x = (x * 2.0 - 1.0) / 2.0
     "casts",  # x = x.double().float().contiguous()
     "cond",  # x = x + cond, a per-call conditioning input
+    "join",  # x = cat([c, x]): the streams go on as one (ComfyUI's Flux between its stacks);
+    # later stacks are image kinds on the joined stream, and the epilogue slices the image back
 )
 # Size of the change of every input from one call to the next: 0 repeats the call (a skip
 # wherever the options allow one), 1e-4 usually skips, 1.0 never does.
@@ -237,7 +239,9 @@ class OutNorm(nn.Module):
         return x * (1 + scale) + shift
 
 
-def glue(kind: str, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+def glue(kind: str, x: torch.Tensor, c: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
+    if kind == "join":
+        return torch.cat([c, x], dim=1)
     if kind == "arithmetic":
         return (x * 2.0 - 1.0) / 2.0
     if kind == "casts":
@@ -275,6 +279,7 @@ class RandomDenoiser(nn.Module):
             self.proj_out = nn.Linear(dim, IMAGE_CHANNELS)
             self.text_out = nn.Linear(dim, IMAGE_CHANNELS) if spec.text_out else None
         self.glue = spec.glue
+        self.text_tokens = spec.text_tokens
         self.steps: list[tuple[int, int | None]] = []
         for s, stack in enumerate(spec.stacks):
             self.steps += [(s, i) for i in range(stack.size)]
@@ -283,11 +288,15 @@ class RandomDenoiser(nn.Module):
         region = [s for s, stack in enumerate(spec.stacks) if stack.size >= 2]
         self.first = self.steps.index((region[0], 0))
         self.last = self.steps.index((region[-1], spec.stacks[region[-1]].size - 1))
+        joins = [self.steps.index((s, None)) for s, kind in enumerate(spec.glue) if kind == "join"]
+        self.joined = bool(joins)
+        # the image stream leaving the blocks continues cat([txt, img]) of the first block's
+        self.joins_in_rest = any(self.first < j <= self.last for j in joins)
 
     def run(self, steps, x, c, temb, cond):
         for s, i in steps:
             if i is None:
-                x = glue(self.glue[s], x, cond)
+                x = glue(self.glue[s], x, c, cond)
             else:
                 x, c = self.stacks[s][i](x, c, temb)
         return x, c
@@ -309,6 +318,8 @@ class RandomDenoiser(nn.Module):
     def tail(self, final, aux):
         temb = aux[0]
         x, c = self.run(self.steps[self.last + 1 :], final["img"], final.get("txt"), *aux)
+        if self.joined:
+            x = x[:, self.text_tokens :]
         out = self.proj_out(self.norm_out(x, temb))
         if self.text_out is not None:
             out = out + self.text_out(c.mean(dim=1, keepdim=True))
@@ -357,6 +368,13 @@ def model_specs(draw) -> ModelSpec:
                   update=draw(st.sampled_from(UPDATES)))
         for s, size in enumerate(sizes)
     )
+    glues = GLUES if text_tokens and text_tokens < image_tokens else tuple(g for g in GLUES if g != "join")
+    glue = tuple(draw(st.sampled_from(glues)) for _ in stacks[1:])
+    if "join" in glue:  # one join; the stacks after it run on the joined stream
+        k = glue.index("join")
+        glue = tuple("none" if g == "join" and i != k else g for i, g in enumerate(glue))
+        stacks = tuple(stack if s <= k or stack.kind in IMAGE_KINDS else replace(stack, kind="mlp")
+                       for s, stack in enumerate(stacks))
     return ModelSpec(
         batch=draw(st.integers(1, 2)),
         dim=draw(st.sampled_from((8, 12, 16))),
@@ -364,7 +382,7 @@ def model_specs(draw) -> ModelSpec:
         image_tokens=image_tokens,
         text_tokens=text_tokens,
         stacks=stacks,
-        glue=tuple(draw(st.sampled_from(GLUES)) for _ in stacks[1:]),
+        glue=glue,
         text_out=bool(text_tokens and text_tokens < image_tokens and draw(st.booleans())),
         modulated_out=draw(st.booleans()),
         seed=draw(st.integers(0, 2**16)),
@@ -414,7 +432,9 @@ class MarginReference(ReferenceFBCache):
 
 
 def run_reference(model: RandomDenoiser, scenario: Scenario, calls) -> tuple[MarginReference, list]:
-    reference = MarginReference(scenario.threshold, scenario.max_hits, scenario.warmup, main="img")
+    joined = {"img": lambda first: torch.cat([first["txt"], first["img"]], dim=1)}
+    reference = MarginReference(scenario.threshold, scenario.max_hits, scenario.warmup, main="img",
+                                bases=joined if model.joins_in_rest else None)
 
     def rest(first, aux):
         # The model's blocks may write into their inputs; the reference reads `first` after.
@@ -465,6 +485,8 @@ def check_scenario(scenario: Scenario, compiler: str, tol: float, decision_margi
     generations = run_backend(model, scenario, calls, compiler)
     (decisions, outputs), (repeated_decisions, repeated_outputs) = generations
     event("some calls skipped" if any(decisions) else "no call skipped")
+    if model.joins_in_rest:
+        event("two stacks joined by a cat inside the region")
 
     assert decisions == tuple(reference.decisions)
     assert_calls_close(outputs, expected, tol)
@@ -495,6 +517,14 @@ SLICES_UPDATED_IN_PLACE = Scenario(
                    modulated_out=False, seed=0),
     threshold=0.5, max_hits=-1, warmup=0, drifts=(0.0, 0.0),
 )
+JOINED_STACKS = Scenario(
+    # ComfyUI's Flux: dual blocks, then cat([txt, img]) and blocks on the joined stream, which
+    # the epilogue slices; the blocks update in place.
+    spec=ModelSpec(batch=1, dim=8, heads=2, image_tokens=6, text_tokens=3,
+                   stacks=(StackSpec("dual", 2, "iadd"), StackSpec("attention", 2, "iadd")),
+                   glue=("join",), text_out=False, modulated_out=True, seed=0),
+    threshold=0.3, max_hits=-1, warmup=0, drifts=(0.0, 1e-3, 1.0, 0.0),
+)
 TWO_STREAMS_OUT = Scenario(
     # The epilogue reads both streams, which the remaining blocks update in place.
     spec=ModelSpec(batch=1, dim=8, heads=1, image_tokens=5, text_tokens=4,
@@ -514,8 +544,8 @@ SLOW_EXAMPLES = dict(
 
 
 def with_fixed_shapes(test):
-    """Run `test` on FLUX_LIKE, SLICES_UPDATED_IN_PLACE and TWO_STREAMS_OUT too."""
-    for scenario in (FLUX_LIKE, SLICES_UPDATED_IN_PLACE, TWO_STREAMS_OUT):
+    """Run `test` on the fixed scenarios above too."""
+    for scenario in (FLUX_LIKE, SLICES_UPDATED_IN_PLACE, JOINED_STACKS, TWO_STREAMS_OUT):
         test = example(scenario=scenario)(test)
     return test
 

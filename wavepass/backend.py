@@ -43,7 +43,7 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
         for piece, name in ((part.head, "head"), (part.rest, "rest"), (part.tail, "tail"))
     )
     description = (f"blocks {part.layout.describe()}, {len(part.streams)} cached stream(s), "
-                   f"decided on `{part.main.source.name}`")
+                   f"decided on `{part.signal_source.name}`")
     blocks = tuple(block.path for block in part.layout.blocks)
     return CachedProgram(head, rest, tail, wiring, opts, blocks, description)
 
@@ -75,7 +75,7 @@ def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:
     wiring = dict(
         head_in=read(part.head), head_out=head_out, rest_in=read(part.rest), rest_out=rest_out,
         tail_in=read(part.tail),
-        streams=tuple((slot(s.source), slot(s.result)) for s in part.streams),
+        streams=tuple((tuple(map(slot, s.sources)), s.dim, slot(s.result)) for s in part.streams),
     )
     parameters = tuple(i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter))
     activations = tuple(i for i in range(len(example_inputs)) if i not in set(parameters))

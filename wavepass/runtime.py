@@ -106,7 +106,8 @@ class Wiring:
     rest_in: tuple[int, ...]
     rest_out: tuple[int, ...]
     tail_in: tuple[int, ...]
-    streams: tuple[tuple[int, int], ...]  # (source slot, result slot) per cached residual
+    # per cached residual: (source slots, None or the dim they are concatenated along, result slot)
+    streams: tuple[tuple[tuple[int, ...], int | None, int], ...]
     parameters: tuple[int, ...]
     activations: tuple[int, ...]
 
@@ -142,8 +143,9 @@ class CachedProgram:
                 values[slot] = value
             skip = self._decide(state, outputs[-1])
             if skip:
-                for (source, result), residual, stride in zip(w.streams, state.residuals, state.strides):
-                    values[result] = _add_strided(values[source], residual, stride)
+                for (sources, dim, result), residual, stride in zip(w.streams, state.residuals, state.strides):
+                    source = values[sources[0]] if dim is None else torch.cat([values[i] for i in sources], dim)
+                    values[result] = _add_strided(source, residual, stride)
             else:
                 outputs_rest = self._rest(*[values[i] for i in w.rest_in])
                 for slot, value in zip(w.rest_out, outputs_rest):
@@ -151,7 +153,7 @@ class CachedProgram:
                 if self._options.may_skip:
                     state.signal = outputs[-1]
                     state.residuals = tuple(outputs_rest[len(w.rest_out):])
-                    state.strides = tuple(values[result].stride() for _, result in w.streams)
+                    state.strides = tuple(values[result].stride() for *_, result in w.streams)
             result = self._tail(*[values[i] for i in w.tail_in])
         except BaseException:
             state.clear()

@@ -13,7 +13,11 @@ single blocks concatenate the text and image streams and split them again: the s
     h2  = h + gate * proj(attn(h))             h2 = add(h, ...) -> h[:, T:]
     out = h2[:, T:]                            h  = cat(...)[:, T:] -> img0   => img0
 
-A pass uses this to know which first-block output a cached residual belongs to. Nothing
+A stream may also continue a concatenation of first-block outputs as a whole: ComfyUI's Flux
+joins its two stacks with `h = cat((txt, img), 1)` and runs the single blocks on `h`, so the
+value that leaves the blocks continues `cat((txt0, img0), 1)` (`trace_concatenation`).
+
+A pass uses this to know which first-block outputs a cached residual belongs to. Nothing
 here changes the graph.
 """
 
@@ -72,6 +76,45 @@ def trace_stream(value: Node, candidates: Collection[Node], within: Set[Node]) -
             continue
         todo.extend(_identity_sources(node, region))
     return max(found, key=order.__getitem__, default=None)
+
+
+class Concatenation(NamedTuple):
+    """A value that continues `cat(parts, dim)`, each part continuing a candidate."""
+
+    parts: tuple[Node, ...]
+    dim: int
+
+
+def trace_concatenation(value: Node, candidates: Collection[Node], within: Set[Node]) -> Concatenation | None:
+    """The candidates whose concatenation `value` continues as a whole, if any.
+
+    Walks back from `value` along identity paths (within `within`) to a `cat` whose every
+    part continues a candidate (`trace_stream`); the latest such `cat` in graph order wins.
+    """
+    order = {node: i for i, node in enumerate(value.graph.nodes)}
+    seen: set[Node] = set()
+    todo, joins = [value], []
+    while todo:
+        node = todo.pop()
+        if node in seen or node not in within:
+            continue
+        seen.add(node)
+        if node.op == "call_function" and node.target in _CAT:
+            joins.append(node)
+            continue
+        todo.extend(source for source, region in _identity_sources(node, None) if region is None)
+    for join in sorted(joins, key=order.__getitem__, reverse=True):
+        parts = [trace_stream(part, candidates, within) if isinstance(part, Node) else None
+                 for part in join.args[0]]
+        if parts and all(p is not None for p in parts):
+            return Concatenation(tuple(parts), _cat_dim(join))
+    return None
+
+
+def _cat_dim(node: Node) -> int:
+    """The dimension a `cat` node joins along, counted from the front."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return dim % example_value(node).dim()
 
 
 def _identity_sources(node: Node, region: _Region | None) -> list[tuple[Node, _Region | None]]:
@@ -140,9 +183,7 @@ def _through_cat(node: Node, region: _Region | None) -> list[tuple[Node, _Region
     if region is None:
         return []
     parts = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    value = example_value(node)
-    if not isinstance(value, torch.Tensor) or dim % value.dim() != region.dim:
+    if not isinstance(example_value(node), torch.Tensor) or _cat_dim(node) != region.dim:
         return []
     offset = 0
     for part in parts:

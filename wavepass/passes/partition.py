@@ -16,8 +16,10 @@ A runtime that skips `rest` sets `o_j = s_j + r_j` (the residuals stored at the 
 that ran `rest`), which is First Block Cache. The cut is correct when, and only when:
 
 - every value `rest` hands on is a tensor that continues one first-block output `s_j`
-  (along a residual path, found by `find_streams.trace_stream`; where none exists, as in a
-  UNet, the last first-block output of its shape), and the first block computes the main one;
+  (along a residual path, found by `find_streams.trace_stream`), or a concatenation of them
+  (`cat((txt0, img0))` where two stacks are joined: then `o_j = cat(...) + r_j`), or, where
+  no path exists, as in a UNet, the last first-block output of its shape; and the first
+  block computes the largest one (its change is the signal);
 - values computed inside `rest`'s range that do not depend on the streams (e.g. a ControlNet
   sample picked by index) are needed by `tail` on skipped steps: they move to `head`;
 - `rest` writes in place into no value that `tail` reads or the caller sees.
@@ -42,7 +44,7 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
-from .find_streams import disjoint, slice_region, trace_stream
+from .find_streams import disjoint, slice_region, trace_concatenation, trace_stream
 from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape, written_bases
 
 
@@ -57,22 +59,25 @@ class Piece:
 
 @dataclass(frozen=True)
 class Stream:
-    """`rest` turns the first-block output `source` into `result`."""
+    """`rest` turns the first-block output `sources[0]` into `result`, or, where `dim` is
+    set, the concatenation `cat(sources, dim)` of first-block outputs."""
 
-    source: Node
+    sources: tuple[Node, ...]
     result: Node
+    dim: int | None = None
 
 
 @dataclass(frozen=True)
 class CachedPartition:
-    """head returns `head.outputs` + (signal,); rest returns `rest.outputs` + one residual per stream."""
+    """head returns `head.outputs` + (signal,); rest returns `rest.outputs` + one residual per
+    stream. The signal is the first block's change of `signal_source`."""
 
     placeholders: tuple[Node, ...]
     head: Piece
     rest: Piece
     tail: Piece
     streams: tuple[Stream, ...]
-    main: Stream
+    signal_source: Node
     layout: BlockLayout
 
 
@@ -99,26 +104,25 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
 
     results = [n for n in rest if any(user in tail_set for user in n.users)]
     sources = sorted((n for n in _inputs_of(rest, rest_set) if is_tensor(n)), key=position.__getitem__)
-    streams = tuple(
-        Stream(_source_of(result, sources, set(first_block), rest_set), result) for result in results
-    )
+    streams = tuple(_stream_of(result, sources, set(first_block), rest_set) for result in results)
     if not streams:
         raise UnsafeCut("the epilogue reads nothing the blocks computed; nothing to cache")
     main = max(streams, key=lambda s: _numel_hint(s.result))
-    if main.source not in first_block:
+    signal_source = max(main.sources, key=_numel_hint)
+    if signal_source not in first_block:
         raise UnsafeCut(
             f"the first block ({layout.first_block.path}) does not compute the stream the "
             "epilogue reads"
         )
 
     block_inputs = [n for n in _inputs_of(first_block, set(first_block)) if is_tensor(n)]
-    main_input = trace_stream(main.source, block_inputs, set(first_block))
+    signal_input = trace_stream(signal_source, block_inputs, set(first_block))
 
     head_outputs = tuple(n for n in head if any(u in rest_set or u in tail_set for u in n.users))
-    head_piece = _build_head(gm, head, head_outputs, main, main_input, first_block[0])
+    head_piece = _build_head(gm, head, head_outputs, signal_source, signal_input, first_block[0])
     rest_piece = _build_rest(gm, rest, rest_set, tuple(results), streams)
     tail_piece = _build(gm, tail, _inputs_of(tail + [output], set(tail)), (), output_node=output)
-    return CachedPartition(placeholders, head_piece, rest_piece, tail_piece, streams, main, layout)
+    return CachedPartition(placeholders, head_piece, rest_piece, tail_piece, streams, signal_source, layout)
 
 
 def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_block: set[Node]) -> list[Node]:
@@ -175,13 +179,14 @@ def _inputs_of(nodes, inside: set[Node]) -> list[Node]:
     return list(seen)
 
 
-def _source_of(result: Node, sources: list[Node], first_block: set[Node], rest: set[Node]) -> Node:
-    """The first-block output that `result` continues.
+def _stream_of(result: Node, sources: list[Node], first_block: set[Node], rest: set[Node]) -> Stream:
+    """The first-block output(s) that `result` continues.
 
     Along a residual path if there is one (a first-block output before any other value, such
-    as a ControlNet sample added on the way). Where no path exists, as in a UNet whose up
-    path concatenates skip connections and changes channels, the last first-block output of
-    the same shape, dtype and device: the residual then spans everything after that output.
+    as a ControlNet sample added on the way), or a concatenation of such paths (two stacks
+    joined by a `cat`). Where no path exists, as in a UNet whose up path concatenates skip
+    connections and changes channels, the last first-block output of the same shape, dtype
+    and device: the residual then spans everything after that output.
     """
     if not is_tensor(result):
         raise UnsafeCut(
@@ -190,14 +195,17 @@ def _source_of(result: Node, sources: list[Node], first_block: set[Node], rest: 
     from_block = [s for s in sources if s in first_block]
     source = trace_stream(result, from_block, rest) or trace_stream(result, sources, rest)
     if source is not None:
-        return source
+        return Stream((source,), result)
+    joined = trace_concatenation(result, from_block, rest)
+    if joined is not None:
+        return Stream(joined.parts, result, joined.dim)
     same_shape_outputs = [s for s in from_block if same_shape(s, result)]
     if not same_shape_outputs:
         raise UnsafeCut(
             f"`{result.name}` leaves the blocks but continues no first-block output: no "
-            "residual path leads back to one and none has its shape"
+            "residual path or concatenation of them leads back to one and none has its shape"
         )
-    return same_shape_outputs[-1]
+    return Stream((same_shape_outputs[-1],), result)
 
 
 def _numel_hint(node: Node) -> int:
@@ -267,7 +275,7 @@ def _sub(graph: Graph, a: Node, b: Node, name: str) -> Node:
     return graph.create_node("call_function", torch.sub, (a, b), name=name)
 
 
-def _build_head(gm, head, outputs, main: Stream, main_input: Node | None, first_node: Node) -> Piece:
+def _build_head(gm, head, outputs, signal_source: Node, signal_input: Node | None, first_node: Node) -> Piece:
     """Head = prologue + first block; it also returns the signal that decides a skip.
 
     The first block's input is copied before the block runs: in-place block code would
@@ -276,12 +284,12 @@ def _build_head(gm, head, outputs, main: Stream, main_input: Node | None, first_
     copies: dict[str, Node] = {}
 
     def before(graph, env, node):
-        if node is first_node and main_input is not None:
-            copies["input"] = _copy(graph, env[main_input], "wavepass_block_input")
+        if node is first_node and signal_input is not None:
+            copies["input"] = _copy(graph, env[signal_input], "wavepass_block_input")
 
     def after(graph, env, placeholders):
-        output = env[main.source]
-        if main_input is None:
+        output = env[signal_source]
+        if signal_input is None:
             return (_copy(graph, output, "wavepass_signal"),)
         return (_sub(graph, output, copies["input"], "wavepass_signal"),)
 
@@ -292,9 +300,16 @@ def _build_rest(gm, rest, rest_set, outputs, streams) -> Piece:
     """Rest = the remaining blocks; it also returns `result - source` for every stream
     (the sources are its inputs, which it never writes into: see `_build`)."""
 
+    def source(graph, placeholders, stream: Stream) -> Node:
+        if stream.dim is None:
+            return placeholders[stream.sources[0]]
+        parts = [placeholders[s] for s in stream.sources]
+        return graph.create_node("call_function", torch.cat, (parts, stream.dim), name="wavepass_joined")
+
     def after(graph, env, placeholders):
         return tuple(
-            _sub(graph, env[s.result], placeholders[s.source], "wavepass_residual") for s in streams
+            _sub(graph, env[s.result], source(graph, placeholders, s), "wavepass_residual")
+            for s in streams
         )
 
     return _build(gm, rest, _inputs_of(rest, rest_set), outputs, after=after)
