@@ -11,6 +11,7 @@ above works without `import wavepass`. This module adds the runtime API:
     wavepass.stats(model)            Stats(calls, hits, decisions) since the last reset
     with wavepass.cache_context(n):  separate cache state per name (e.g. CFG branches)
     with wavepass.skipping(False):   calls inside run every block (start/end windows)
+    with wavepass.same_step(t):      calls with an equal key decide together (chunked CFG)
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from torch._dynamo import list_backends, register_backend
 
 from .backend import wavespeed
 from .options import CacheOptions
-from .runtime import Stats, cache_context, current_context, reset, skipping, stats
+from .runtime import Stats, cache_context, current_context, reset, same_step, skipping, stats
 
 __all__ = [
-    "CacheOptions", "Stats", "cache_context", "current_context", "reset", "skipping", "stats",
+    "CacheOptions", "Stats", "cache_context", "current_context", "reset", "same_step", "skipping",
+    "stats",
     "wavespeed",
 ]
 __version__ = "0.1.0"

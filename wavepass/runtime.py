@@ -37,6 +37,7 @@ DEFAULT_CONTEXT = "default"
 _DECISIONS_KEPT = 10_000
 _context: ContextVar[str] = ContextVar("wavepass_cache_context", default=DEFAULT_CONTEXT)
 _skipping_allowed: ContextVar[bool] = ContextVar("wavepass_skipping_allowed", default=True)
+_step_key: ContextVar[Any] = ContextVar("wavepass_step", default=None)
 _sequence = itertools.count()
 _programs: weakref.WeakSet[CachedProgram] = weakref.WeakSet()
 
@@ -83,6 +84,22 @@ def skipping(allowed: bool) -> Iterator[None]:
         _skipping_allowed.reset(token)
 
 
+@contextmanager
+def same_step(key: Any) -> Iterator[None]:
+    """`with wavepass.same_step(key):` calls of one model made with an equal `key` (e.g. the
+    sampling step's timestep) decide together: the first decides, later ones follow it.
+
+    For samplers that split one step into several calls (cond and uncond chunks, in separate
+    cache contexts): they all skip or all compute. A follower that has nothing stored to
+    reuse computes.
+    """
+    token = _step_key.set(key)
+    try:
+        yield
+    finally:
+        _step_key.reset(token)
+
+
 @dataclass
 class _State:
     signature: tuple | None = None
@@ -123,7 +140,8 @@ class CachedProgram:
         self._options = options
         self.description = description
         self._states: dict[str, _State] = {}
-        self._owner: weakref.ref | None = None  # a parameter of the model that ran last
+        self._owner: tuple[weakref.ref, ...] = ()  # the parameters of the model that ran last
+        self._step: tuple[Any, bool] | None = None  # (same_step key, its decision)
         self._calls = self._hits = 0
         self._decisions: deque[tuple[int, bool]] = deque(maxlen=_DECISIONS_KEPT)
         _programs.add(self)
@@ -135,7 +153,7 @@ class CachedProgram:
         if signature != state.signature:
             state.clear()
             state.signature = signature
-            self._owner = weakref.ref(args[w.parameters[0]]) if w.parameters else None
+            self._owner = tuple(weakref.ref(args[i]) for i in w.parameters)
         values = list(args) + [None] * (w.num_slots - len(args))
         try:
             outputs = self._head(*[values[i] for i in w.head_in])
@@ -164,9 +182,20 @@ class CachedProgram:
         return result
 
     def _decide(self, state: _State, signal: torch.Tensor) -> bool:
+        """First Block Cache, with calls of one `same_step` following the first one's decision."""
+        state.calls += 1
+        key = _step_key.get()
+        if key is not None and self._step is not None and self._step[0] == key:
+            skip = self._step[1] and state.signal is not None and _skipping_allowed.get()
+            state.hits_in_row = state.hits_in_row + 1 if skip else 0
+            return skip
+        skip = self._decide_alone(state, signal)
+        self._step = (key, skip) if key is not None else None
+        return skip
+
+    def _decide_alone(self, state: _State, signal: torch.Tensor) -> bool:
         """First Block Cache: skip when the first-block residual barely moved."""
         opts = self._options
-        state.calls += 1
         if (
             not opts.may_skip
             or not _skipping_allowed.get()
@@ -191,16 +220,16 @@ class CachedProgram:
         return activations, weights
 
     def reset(self) -> None:
-        for state in self._states.values():
-            state.clear()
+        self._states.clear()
+        self._step = None
         self._calls = self._hits = 0
         self._decisions.clear()
 
     def owned_by(self, parameter_ids: set[int]) -> bool:
-        """Whether the model with these parameter ids ran this program last (the parameter is
-        held by a weak reference: while it lives, no other object can have its id)."""
-        owner = self._owner() if self._owner is not None else None
-        return owner is not None and id(owner) in parameter_ids
+        """Whether the model with these parameter ids ran this program last: it shares a
+        parameter with that run (held by weak references: while one lives, no other object
+        can have its id; a LoRA that replaces some weights leaves the others shared)."""
+        return any((p := ref()) is not None and id(p) in parameter_ids for ref in self._owner)
 
     def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
         return self._calls, self._hits, list(self._decisions)
@@ -221,15 +250,20 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
 
 
 def programs_of(model: Any | None) -> list[CachedProgram]:
-    """The cached programs that last ran with `model`'s parameters (all of them for None)."""
+    """The cached programs that last ran with `model`'s parameters (all of them for None).
+
+    `model` is a torch.nn.Module (the compiled model or the original one) or an object that
+    holds one as `.model`, such as the MODEL (a ComfyUI ModelPatcher) the ComfyUI nodes return.
+    """
     if model is None:
         return list(_programs)
-    if not isinstance(model, torch.nn.Module):
+    module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
+    if not isinstance(module, torch.nn.Module):
         raise TypeError(
-            f"wavepass: expected a torch.nn.Module (the compiled model or the original one), "
-            f"got {type(model).__name__}"
+            f"wavepass: expected a torch.nn.Module (the compiled model or the original one) or "
+            f"an object holding one as `.model` (a ComfyUI MODEL), got {type(model).__name__}"
         )
-    ids = {id(p) for p in model.parameters()}
+    ids = {id(p) for p in module.parameters()}
     return [p for p in _programs if p.owned_by(ids)]
 
 
