@@ -1,0 +1,157 @@
+"""The wavepass ComfyUI nodes (V3 schema), category `wavespeed`.
+
+    Apply First Block Cache   (WavepassApplyFirstBlockCache)  MODEL -> MODEL
+    Compile Model+            (WavepassCompileModelPlus)      MODEL -> MODEL
+
+Each returns a clone of its input MODEL with its settings added (the input is never
+changed). Chained in either order they make one `torch.compile(..., backend="wavespeed")`
+step: caching and Inductor compilation together. Apply First Block Cache alone runs the
+cached model uncompiled; Compile Model+ alone compiles without skipping. Node ids carry the
+`Wavepass` prefix so that they never collide with another pack's nodes of the same title.
+"""
+
+from __future__ import annotations
+
+import json
+
+from comfy_api.latest import io
+
+from .sampling import install, settings_of
+
+CATEGORY = "wavespeed"
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DYNAMIC = {"auto": None, "true": True, "false": False}
+
+
+def _object_to_patch_input() -> io.String.Input:
+    return io.String.Input(
+        "object_to_patch", default="diffusion_model", advanced=True,
+        tooltip="The attribute of the model (ComfyUI's BaseModel) that is compiled and cached: "
+                "the diffusion model, or a submodule of it written with dots.",
+    )
+
+
+def _patched(model, part: str, values: dict) -> io.NodeOutput:
+    """A clone of `model` with `values` as its wavepass `part` settings, wrappers installed."""
+    clone = model.clone(disable_dynamic=True)
+    settings_of(clone)[part] = values
+    install(clone)
+    return io.NodeOutput(clone)
+
+
+class ApplyFirstBlockCache(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WavepassApplyFirstBlockCache",
+            display_name="Apply First Block Cache",
+            category=CATEGORY,
+            description="Skips the diffusion model's remaining blocks on steps where its first "
+                        "block's output barely changed (First Block Cache), reusing their last "
+                        "residual. Chain Compile Model+ to compile it in the same step.",
+            inputs=[
+                io.Model.Input("model"),
+                _object_to_patch_input(),
+                io.Float.Input(
+                    "residual_diff_threshold", default=0.12, min=0.0, max=1.0, step=0.001,
+                    tooltip="Skip when the first block's residual changed by less than this "
+                            "(relative mean absolute difference) since the last computed step. "
+                            "0 never skips; higher skips more and costs quality. FLUX 0.12, "
+                            "SD3.5 0.12, LTXV 0.05, HunyuanVideo 0.1, SDXL 0.2.",
+                ),
+                io.Float.Input(
+                    "start", default=0.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="Fraction of sampling (through the model's sigmas) before which every "
+                            "step computes: 0 caches from the first step.",
+                ),
+                io.Float.Input(
+                    "end", default=1.0, min=0.0, max=1.0, step=0.01,
+                    tooltip="Fraction of sampling after which every step computes: 1 caches to "
+                            "the last step.",
+                ),
+                io.Int.Input(
+                    "max_consecutive_cache_hits", default=-1, min=-1, max=100,
+                    tooltip="At most this many skipped steps in a row; -1 no limit, 0 never skip.",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, object_to_patch, residual_diff_threshold, start, end,
+                max_consecutive_cache_hits) -> io.NodeOutput:
+        if not 0.0 <= start <= end <= 1.0:
+            raise ValueError(f"Apply First Block Cache: need 0 <= start <= end <= 1, got "
+                             f"start={start}, end={end}")
+        return _patched(model, "cache", {
+            "object_to_patch": object_to_patch,
+            "residual_diff_threshold": float(residual_diff_threshold),
+            "start": float(start), "end": float(end),
+            "max_consecutive_cache_hits": int(max_consecutive_cache_hits),
+        })
+
+
+class CompileModelPlus(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WavepassCompileModelPlus",
+            display_name="Compile Model+",
+            category=CATEGORY,
+            description="Compiles the diffusion model with torch.compile's `wavespeed` backend: "
+                        "Inductor, plus the First Block Cache of an Apply First Block Cache node "
+                        "before or after it, in one compile step. LoRAs and other weight patches "
+                        "take effect without recompiling.",
+            inputs=[
+                io.Model.Input("model"),
+                _object_to_patch_input(),
+                io.Combo.Input(
+                    "mode", options=list(MODES), default="default",
+                    tooltip="Inductor's mode: max-autotune searches kernels (slow compile, "
+                            "fastest on GPUs); reduce-overhead adds CUDA graphs.",
+                ),
+                io.Combo.Input(
+                    "dynamic", options=list(DYNAMIC), default="auto",
+                    tooltip="auto: static shapes first, one dynamic recompile when a size "
+                            "changes; true: dynamic from the start (no recompile per "
+                            "resolution); false: recompile for every new size.",
+                ),
+                io.Boolean.Input(
+                    "fullgraph", default=False,
+                    tooltip="Fail instead of splitting the model at code torch.compile cannot "
+                            "trace (graph breaks).",
+                ),
+                io.String.Input(
+                    "options", default="", multiline=True,
+                    tooltip='Inductor config patches as JSON, e.g. {"max_autotune": true}; '
+                            "empty for none.",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, object_to_patch, mode, dynamic, fullgraph, options) -> io.NodeOutput:
+        return _patched(model, "compile", {
+            "object_to_patch": object_to_patch,
+            "mode": mode,
+            "dynamic": DYNAMIC[dynamic],
+            "fullgraph": bool(fullgraph),
+            "inductor": _inductor_patches(options),
+        })
+
+
+def _inductor_patches(text: str) -> dict:
+    if not text.strip():
+        return {}
+    try:
+        patches = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Compile Model+: options must be a JSON object of Inductor config "
+                         f"patches, e.g. {{\"max_autotune\": true}}: {exc}") from None
+    if not isinstance(patches, dict):
+        raise ValueError(f"Compile Model+: options must be a JSON object, got {text!r}")
+    return patches
+
+
+NODES = [ApplyFirstBlockCache, CompileModelPlus]

@@ -1,0 +1,193 @@
+"""What the nodes install on a MODEL: wavepass settings, and ComfyUI wrappers that compile the
+diffusion model with the `wavespeed` backend and drive its cache through a sampling run.
+
+    model_options["wavepass"] = {"cache": {...}, "compile": {...}}     (set by the nodes)
+
+    OUTER_SAMPLE wrapper (once per sampling run, i.e. per KSampler execution)
+        reset the cache (a re-run of a cached MODEL output starts clean), map start/end to
+        sigmas through the model's `model_sampling.percent_to_sigma`; at the end log
+        "wavespeed: skipped H of N model calls"; on an exception reset again
+    APPLY_MODEL wrapper (every model call)
+        a rising sigma within a run resets the cache (a new generation); the call runs with
+        `object_to_patch` swapped for its compiled module, inside
+          wavepass.cache_context(<cond/uncond chunk and input shape>)  separate state per chunk
+          wavepass.skipping(start <= progress <= end)                  the start/end window
+          wavepass.same_step((run, sigma))                             chunks of one step agree
+
+Compiled modules are cached per module and settings, so re-running a node (or re-executing a
+workflow) reuses Dynamo's compiled code: no recompile. LoRA and other weight patches change
+parameters in place or replace them with same-shaped tensors; the backend reads parameters
+as graph inputs, so either takes effect without a recompile (and starts a new cache
+generation, see wavepass.runtime).
+
+Only the public `wavepass` API is used here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import weakref
+from collections.abc import Callable
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import comfy.utils
+from comfy.patcher_extension import WrappersMP
+
+import wavepass
+
+log = logging.getLogger("wavepass")
+
+SETTINGS_KEY = "wavepass"
+WRAPPER_KEY = "wavepass"
+
+
+@dataclass
+class _Run:
+    """One sampling run: its start/end window in sigmas, and what it has seen so far."""
+
+    start_sigma: float
+    end_sigma: float
+    last_sigma: float | None = None
+    earlier: tuple[int, int] = (0, 0)  # (calls, hits) before a reset at a rising sigma
+
+
+_run: ContextVar[_Run | None] = ContextVar("wavepass_comfy_run", default=None)
+_compiled: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Callable]] = weakref.WeakKeyDictionary()
+
+
+def settings_of(patcher) -> dict[str, dict[str, Any]]:
+    return patcher.model_options.setdefault(SETTINGS_KEY, {})
+
+
+def install(patcher) -> None:
+    """(Re)install the wrappers on `patcher` from its current settings."""
+    settings = json.loads(json.dumps(settings_of(patcher)))  # a snapshot, plain values only
+    for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.APPLY_MODEL):
+        patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(settings))
+    patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper(settings))
+
+
+def backend_options(settings: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(options for the wavespeed backend, other torch.compile arguments) for these settings.
+
+    Without a Compile Model+ node the cached program runs uncompiled (compiler "eager"), as
+    First Block Cache alone; without an Apply First Block Cache node nothing is skipped.
+    """
+    cache = settings.get("cache", {"residual_diff_threshold": 0.0, "max_consecutive_cache_hits": -1})
+    options: dict[str, Any] = {
+        "residual_diff_threshold": cache["residual_diff_threshold"],
+        "max_consecutive_cache_hits": cache["max_consecutive_cache_hits"],
+    }
+    compile_settings = settings.get("compile")
+    if compile_settings is None:
+        return {**options, "compiler": "eager"}, {}
+    from torch._inductor import list_mode_options
+
+    mode = compile_settings["mode"]
+    patches = {**(list_mode_options(mode) if mode != "default" else {}), **compile_settings["inductor"]}
+    options.update(compiler="inductor", inductor=patches)
+    return options, {"dynamic": compile_settings["dynamic"], "fullgraph": compile_settings["fullgraph"]}
+
+
+def _skip_transformer_options_guards(guard_entries) -> list[bool]:
+    """ComfyUI passes per-call bookkeeping (sigmas, chunk layout, wrappers) in
+    `transformer_options`; guarding on it would recompile every step (as ComfyUI's own
+    TorchCompileModel node, we keep no guards on it)."""
+    return ["transformer_options" not in entry.name for entry in guard_entries]
+
+
+def compiled_module(module: torch.nn.Module, settings: dict[str, dict[str, Any]]) -> Callable:
+    """`torch.compile(module, backend="wavespeed", ...)`, one per module and settings."""
+    options, kwargs = backend_options(settings)
+    key = json.dumps([options, kwargs], sort_keys=True)
+    per_module = _compiled.setdefault(module, {})
+    if key not in per_module:
+        per_module[key] = torch.compile(
+            module, backend="wavespeed",
+            options={**options, "guard_filter_fn": _skip_transformer_options_guards}, **kwargs,
+        )
+    return per_module[key]
+
+
+def _object_to_patch(settings) -> str:
+    return settings.get("compile", settings.get("cache", {})).get("object_to_patch", "diffusion_model")
+
+
+def _outer_sample_wrapper(settings):
+    cache = settings.get("cache", {})
+    key = _object_to_patch(settings)
+
+    def outer_sample(executor, *args, **kwargs):
+        patcher = executor.class_obj.model_patcher
+        module = patcher.get_model_object(key)
+        sampling = patcher.get_model_object("model_sampling")
+        run = _Run(start_sigma=float(sampling.percent_to_sigma(cache.get("start", 0.0))),
+                   end_sigma=float(sampling.percent_to_sigma(cache.get("end", 1.0))))
+        wavepass.reset(module)
+        token = _run.set(run)
+        try:
+            result = executor(*args, **kwargs)
+        except BaseException:
+            wavepass.reset(module)
+            raise
+        finally:
+            _run.reset(token)
+        log.info("%s", run_stats(module, run))
+        return result
+
+    return outer_sample
+
+
+def run_stats(module: torch.nn.Module, run: _Run) -> wavepass.Stats:
+    """The stats of this run so far, across resets at rising sigmas."""
+    now = wavepass.stats(module)
+    calls, hits = run.earlier
+    return wavepass.Stats(calls + now.calls, hits + now.hits, now.decisions)
+
+
+def _apply_model_wrapper(settings):
+    key = _object_to_patch(settings)
+
+    def apply_model(executor, x, t, *args, **kwargs):
+        base = executor.class_obj
+        module = comfy.utils.get_attr(base, key)
+        sigma = float(t.max())
+        run = _run.get()
+        with ExitStack() as scope:
+            if run is not None:
+                _reset_if_rising(run, module, sigma)
+                scope.enter_context(wavepass.skipping(run.end_sigma <= sigma <= run.start_sigma))
+                scope.enter_context(wavepass.same_step((id(run), sigma)))
+            transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+            chunk = tuple(transformer_options.get("cond_or_uncond", ()))
+            scope.enter_context(wavepass.cache_context(f"comfy chunk {chunk} x {tuple(x.shape)}"))
+            scope.enter_context(_swapped(base, key, compiled_module(module, settings)))
+            return executor(x, t, *args, **kwargs)
+
+    return apply_model
+
+
+def _reset_if_rising(run: _Run, module: torch.nn.Module, sigma: float) -> None:
+    """A sigma above the last one starts a new generation within the run."""
+    if run.last_sigma is not None and sigma > run.last_sigma:
+        stats = wavepass.stats(module)
+        run.earlier = (run.earlier[0] + stats.calls, run.earlier[1] + stats.hits)
+        wavepass.reset(module)
+    run.last_sigma = sigma
+
+
+@contextmanager
+def _swapped(obj, key: str, value):
+    """`obj.<key>` is `value` inside (ComfyUI's own torch.compile wrapper does the same)."""
+    original = comfy.utils.set_attr(obj, key, value)
+    try:
+        yield
+    finally:
+        comfy.utils.set_attr(obj, key, original)
