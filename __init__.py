@@ -3,6 +3,8 @@ pack in `integrations/comfy/` (the `wavepass_comfy` package of an installed wave
 
 Without an install, the clone's own `wavepass` and `integrations/comfy` are imported from
 here (nothing beyond ComfyUI's own torch is needed, so the pack ships no requirements.txt).
+The pack is imported only when ComfyUI calls `comfy_entrypoint`, so importing this file
+outside ComfyUI (as pytest does with a package at its root) needs nothing.
 """
 
 import importlib
@@ -30,4 +32,5 @@ def _pack():
     return module
 
 
-comfy_entrypoint = _pack().comfy_entrypoint
+async def comfy_entrypoint():
+    return await _pack().comfy_entrypoint()

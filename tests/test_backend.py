@@ -179,6 +179,32 @@ def test_cache_context_keeps_separate_state(flux, no_fallback):
     assert any(decisions)
 
 
+def test_same_step_calls_follow_the_first_decision(flux, no_fallback):
+    """Two calls per step in separate contexts under one `same_step` key: the first call
+    decides as the reference does, the second follows it."""
+    model = compiled(flux.model, residual_diff_threshold=flux.mixed_threshold, compiler="eager")
+    leader = ReferenceFBCache(flux.mixed_threshold)
+    prompts = {"cond": flux.inputs["encoder_hidden_states"],
+               "uncond": 3.0 * torch.randn_like(flux.inputs["encoder_hidden_states"])}
+    steps = iter(range(STEPS))
+
+    def cfg_step(latent, t):
+        outs = {}
+        with wavepass.same_step(next(steps)):
+            for name in ("cond", "uncond"):
+                kwargs = {**flux.call_kwargs(latent, t), "encoder_hidden_states": prompts[name]}
+                with wavepass.cache_context(name):
+                    outs[name] = model(**kwargs)[0]
+                if name == "cond":
+                    leader(*flux.stages, {k: v for k, v in kwargs.items() if k != "return_dict"})
+        return outs["uncond"] + 2.0 * (outs["cond"] - outs["uncond"])
+
+    models.sample(flux, cfg_step, STEPS)
+    decisions = wavepass.stats(model).decisions
+    assert decisions[0::2] == tuple(leader.decisions) and any(leader.decisions)
+    assert decisions[1::2] == decisions[0::2]
+
+
 def test_new_resolution_starts_a_new_generation(no_fallback):
     """Under dynamic=True one graph serves every size; its state resets when the size changes."""
     torch.manual_seed(0)
