@@ -31,6 +31,15 @@ def _object_to_patch_input() -> io.String.Input:
     )
 
 
+def _schema(node_id: str, display_name: str, description: str, inputs: list) -> io.Schema:
+    """MODEL, `object_to_patch` and `inputs` in; the patched MODEL out."""
+    return io.Schema(
+        node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+        inputs=[io.Model.Input("model"), _object_to_patch_input(), *inputs],
+        outputs=[io.Model.Output()],
+    )
+
+
 def _patched(model, part: str, values: dict) -> io.NodeOutput:
     """A clone of `model` with `values` as its wavepass `part` settings, wrappers installed."""
     clone = model.clone(disable_dynamic=True)
@@ -42,16 +51,12 @@ def _patched(model, part: str, values: dict) -> io.NodeOutput:
 class ApplyFirstBlockCache(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="WavepassApplyFirstBlockCache",
-            display_name="Apply First Block Cache",
-            category=CATEGORY,
-            description="Skips the diffusion model's remaining blocks on steps where its first "
-                        "block's output barely changed (First Block Cache), reusing their last "
-                        "residual. Chain Compile Model+ to compile it in the same step.",
-            inputs=[
-                io.Model.Input("model"),
-                _object_to_patch_input(),
+        return _schema(
+            "WavepassApplyFirstBlockCache", "Apply First Block Cache",
+            "Skips the diffusion model's remaining blocks on steps where its first block's output "
+            "barely changed (First Block Cache), reusing their last residual. Chain Compile "
+            "Model+ to compile it in the same step.",
+            [
                 io.Float.Input(
                     "residual_diff_threshold", default=0.12, min=0.0, max=1.0, step=0.001,
                     tooltip="Skip when the first block's residual changed by less than this "
@@ -74,7 +79,6 @@ class ApplyFirstBlockCache(io.ComfyNode):
                     tooltip="At most this many skipped steps in a row; -1 no limit, 0 never skip.",
                 ),
             ],
-            outputs=[io.Model.Output()],
         )
 
     @classmethod
@@ -94,17 +98,12 @@ class ApplyFirstBlockCache(io.ComfyNode):
 class CompileModelPlus(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="WavepassCompileModelPlus",
-            display_name="Compile Model+",
-            category=CATEGORY,
-            description="Compiles the diffusion model with torch.compile's `wavespeed` backend: "
-                        "Inductor, plus the First Block Cache of an Apply First Block Cache node "
-                        "before or after it, in one compile step. LoRAs and other weight patches "
-                        "take effect without recompiling.",
-            inputs=[
-                io.Model.Input("model"),
-                _object_to_patch_input(),
+        return _schema(
+            "WavepassCompileModelPlus", "Compile Model+",
+            "Compiles the diffusion model with torch.compile's `wavespeed` backend: Inductor, plus "
+            "the First Block Cache of an Apply First Block Cache node before or after it, in one "
+            "compile step. LoRAs and other weight patches take effect without recompiling.",
+            [
                 io.Combo.Input(
                     "mode", options=list(MODES), default="default",
                     tooltip="Inductor's mode: max-autotune searches kernels (slow compile, "
@@ -127,7 +126,6 @@ class CompileModelPlus(io.ComfyNode):
                             "empty for none.",
                 ),
             ],
-            outputs=[io.Model.Output()],
         )
 
     @classmethod
