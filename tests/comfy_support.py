@@ -24,11 +24,25 @@ only when) `import torchvision` / `import torchaudio` fails, `load()` registers 
 code looks up (e.g. `from torchvision.ops import roi_align`), a placeholder that raises
 `RuntimeError` naming itself as a wavepass test stand-in when it is called or used. They are
 marked with `__wavepass_stand_in__ = True`. They never shadow a working real package.
+
+Nodes: `load_nodes()` also imports ComfyUI's `nodes` and `execution` modules (for
+`nodes.common_ksampler`, the KSampler node's code path, and `execution.validate_prompt`), and
+`load_extra_nodes()` registers ComfyUI's built-in extra nodes (`comfy_extras/`, e.g.
+FluxGuidance, the LTXV, HunyuanVideo and SD3 latent nodes, SaveWEBM) as ComfyUI's
+`init_extra_nodes` does, without API nodes or `custom_nodes/`. Both import under the same
+stand-ins. Importing `nodes` needs `torchsde` (k-diffusion's samplers) and `av` (PyAV,
+imported by `comfy_api`), both in the project's test extra; without them `load_nodes()`
+returns None and `require_nodes()` skips. Extras whose own dependencies are
+missing here (kornia, spandrel, aiohttp, ...) fail to import inside ComfyUI's loader, which
+logs and skips them, just as ComfyUI does.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib
+import importlib.util
 import sys
 import types
 from pathlib import Path
@@ -126,6 +140,19 @@ COMFY_MODULES = (
 )
 
 
+@contextlib.contextmanager
+def _stand_ins_registered():
+    """Register the stand-ins (where needed) for the imports inside; remove them afterwards."""
+    installed = _install_stand_ins()
+    stand_ins[:] = sorted(set(stand_ins) | set(installed))
+    try:
+        yield
+    finally:
+        for name in [n for n in sys.modules if n.split(".")[0] in installed]:
+            if getattr(sys.modules[name], "__wavepass_stand_in__", False):
+                del sys.modules[name]
+
+
 def available() -> bool:
     return (COMFYUI_DIR / "comfy" / "model_management.py").is_file()
 
@@ -165,15 +192,9 @@ def load():
         # attention, which asks psutil for free memory in every block (a Dynamo graph break).
         args.use_pytorch_cross_attention = True
     _settle_library_probes()
-    installed = _install_stand_ins()
-    stand_ins[:] = installed
-    try:
+    with _stand_ins_registered():
         for name in COMFY_MODULES:
             importlib.import_module(name)
-    finally:
-        for name in [n for n in sys.modules if n.split(".")[0] in installed]:
-            if getattr(sys.modules[name], "__wavepass_stand_in__", False):
-                del sys.modules[name]
     import comfy.model_management
 
     if comfy.model_management.get_torch_device().type != "cpu":
@@ -192,3 +213,50 @@ def require():
             allow_module_level=True,
         )
     return comfy
+
+
+# ComfyUI's node modules load_nodes() imports: `nodes` (KSampler and the core node set) and
+# `execution` (prompt validation).
+NODE_MODULES = ("nodes", "execution")
+NODE_PACKAGES = ("torchsde", "av")  # what `import nodes` needs beyond ComfyUI's model code
+
+
+def load_nodes():
+    """load(), then import ComfyUI's `nodes` and `execution`; return `nodes`, or None when the
+    ComfyUI copy or one of NODE_PACKAGES is missing."""
+    if load() is None or any(importlib.util.find_spec(p) is None for p in NODE_PACKAGES):
+        return None
+    with _stand_ins_registered():
+        for name in NODE_MODULES:
+            importlib.import_module(name)
+    return sys.modules["nodes"]
+
+
+def require_nodes():
+    """load_nodes(), or skip the calling test module naming what is missing."""
+    import pytest
+
+    require()
+    nodes = load_nodes()
+    if nodes is None:
+        pytest.skip(
+            f"ComfyUI's nodes need {', '.join(NODE_PACKAGES)}: pip install them into the venv",
+            allow_module_level=True,
+        )
+    return nodes
+
+
+_extra_nodes_loaded = False
+
+
+def load_extra_nodes():
+    """Register ComfyUI's built-in extra nodes (once), as `nodes.init_extra_nodes` does with
+    custom and API nodes turned off; return `nodes` (None as load_nodes())."""
+    global _extra_nodes_loaded
+    nodes = load_nodes()
+    if nodes is None or _extra_nodes_loaded:
+        return nodes
+    with _stand_ins_registered():
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    _extra_nodes_loaded = True
+    return nodes

@@ -22,7 +22,9 @@ and the image stream decides (the epilogue reads it, and reads the text stream o
 is shorter). `head`, `rest` and `tail` follow the backend's documented region: from the first
 to the last `nn.ModuleList` of two or more blocks under `stacks` (one-block lists are no
 stacks: before the region they run in the prologue, inside it in `rest`, after it in the
-epilogue).
+epilogue). The lists are named items of an `nn.ModuleDict` (`stacks.s0`), so that the list
+itself is no indexed block (a list of lists would also offer the outer level,
+`stacks.0` holding a whole list, as a region; see `find_blocks`).
 """
 
 from __future__ import annotations
@@ -269,12 +271,12 @@ class RandomDenoiser(nn.Module):
             self.x_embed = nn.Linear(IMAGE_CHANNELS, dim)
             self.c_embed = nn.Linear(TEXT_CHANNELS, dim) if spec.text_tokens else None
             self.t_embed = TimestepEmbedding(dim)
-            self.stacks = nn.ModuleList(
-                nn.ModuleList(
+            self.stacks = nn.ModuleDict({
+                f"s{s}": nn.ModuleList(
                     BLOCKS[stack.kind](dim, spec.heads, stack.update) for _ in range(stack.size)
                 )
-                for stack in spec.stacks
-            )
+                for s, stack in enumerate(spec.stacks)
+            })
             self.norm_out = OutNorm(dim, spec.modulated_out)
             self.proj_out = nn.Linear(dim, IMAGE_CHANNELS)
             self.text_out = nn.Linear(dim, IMAGE_CHANNELS) if spec.text_out else None
@@ -298,7 +300,7 @@ class RandomDenoiser(nn.Module):
             if i is None:
                 x = glue(self.glue[s], x, c, cond)
             else:
-                x, c = self.stacks[s][i](x, c, temb)
+                x, c = self.stacks[f"s{s}"][i](x, c, temb)
         return x, c
 
     def head(self, x_in, c_in, t, cond):

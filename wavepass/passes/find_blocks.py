@@ -27,13 +27,21 @@ Rules (no table of model classes):
 - a stack holds two or more composite blocks (modules that call submodules, so a
   `Sequential` of plain layers is no stack), run in index order and never interleaved (a
   block called twice, or out of order, disqualifies its stack); classes may differ (a
-  UNet's down blocks do);
+  UNet's down blocks do); leading plain items run in the prologue (ComfyUI's UNet keeps its
+  input conv as `input_blocks[0]`);
+- blocks are read at two levels: the outermost indexed module that ran (`stacks.0.1` for
+  `self.stacks[0][1](x)`), and the outermost indexed item on its path, whether or not it
+  ran (`input_blocks.4` for the layers `input_blocks.4.0`, `input_blocks.4.1` that ComfyUI's
+  UNet runs one by one without calling `input_blocks[4]` itself); the two agree for most
+  models;
 - the *anchor* is the stack with the most nodes; the preferred region runs from the first to
   the last of the anchor's sibling stacks (stacks held by the same parent module: FLUX's
   dual and single stacks, a UNet's down and up blocks), with whatever runs between them;
   a stack nested elsewhere (a text refiner inside a prologue module) is never a sibling;
 - the anchor alone is the fallback region, for when the partition pass cannot cut the
-  preferred one correctly.
+  preferred one correctly;
+- regions are preferred by the work they cache: the most nodes after the first block, up
+  to the end of the last (at either level; ties keep the first level).
 """
 
 from __future__ import annotations
@@ -86,13 +94,22 @@ def find_blocks(gm: GraphModule) -> list[BlockLayout]:
     """The regions worth caching, best first; raise `NoRepeatedBlocks` if there is none."""
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     position = {node: i for i, node in enumerate(nodes)}
-    stacks = _stacks(nodes, position)
-    if not stacks:
+    layouts: dict[BlockLayout, None] = {}
+    for outermost in (False, True):
+        stacks = _stacks(nodes, position, outermost)
+        if stacks:
+            layouts.update(dict.fromkeys(_layouts(stacks)))
+    if not layouts:
         raise NoRepeatedBlocks(
             "no stack of repeated blocks found in the graph (wavespeed caches models that run "
             "two or more blocks from an nn.ModuleList); if the blocks sit behind a graph "
             "break, remove it (compile with fullgraph=True to see where it is)"
         )
+    return sorted(layouts, key=lambda layout: -_cached_work(layout, position))
+
+
+def _layouts(stacks: list[tuple[Block, ...]]) -> list[BlockLayout]:
+    """The anchor's sibling stacks, then the anchor alone."""
     anchor = max(stacks, key=lambda stack: sum(len(b.nodes) for b in stack))
     siblings = tuple(s for s in stacks if _parent(s) == _parent(anchor))
     layouts = [BlockLayout(siblings)]
@@ -101,11 +118,16 @@ def find_blocks(gm: GraphModule) -> list[BlockLayout]:
     return layouts
 
 
-def _stacks(nodes: list[Node], position: dict[Node, int]) -> list[tuple[Block, ...]]:
-    """All valid stacks, ordered by where they start in the graph."""
+def _cached_work(layout: BlockLayout, position: dict[Node, int]) -> int:
+    """Nodes a skipped step saves: from after the first block to the end of the last."""
+    return position[layout.last_block.nodes[-1]] - position[layout.first_block.nodes[-1]]
+
+
+def _stacks(nodes: list[Node], position: dict[Node, int], outermost: bool) -> list[tuple[Block, ...]]:
+    """All valid stacks (blocks read at the given level), ordered by where they start."""
     by_block: dict[BlockTag, list[Node]] = defaultdict(list)
     for node in nodes:
-        tag = block_tag(node)
+        tag = block_tag(node, outermost)
         if tag is not None:
             by_block[tag].append(node)
     by_stack: dict[str, list[Block]] = defaultdict(list)
@@ -114,11 +136,13 @@ def _stacks(nodes: list[Node], position: dict[Node, int]) -> list[tuple[Block, .
     valid = []
     for blocks in by_stack.values():
         blocks.sort(key=lambda b: b.tag.index)
+        while blocks and not _composite(blocks[:1], outermost):
+            blocks.pop(0)  # a leading plain layer (an input conv) runs in the prologue
         indices = [b.tag.index for b in blocks]
         if (
             len(blocks) >= 2
             and len(set(indices)) == len(indices)  # one path under two classes is no plain stack
-            and _composite(blocks)
+            and _composite(blocks, outermost)
             and _runs_in_order(blocks, position)
         ):
             valid.append(tuple(blocks))
@@ -126,8 +150,8 @@ def _stacks(nodes: list[Node], position: dict[Node, int]) -> list[tuple[Block, .
     return valid
 
 
-def _composite(blocks: list[Block]) -> bool:
-    return all(any(in_submodule_of_block(n) for n in b.nodes) for b in blocks)
+def _composite(blocks: list[Block], outermost: bool) -> bool:
+    return all(any(in_submodule_of_block(n, outermost) for n in b.nodes) for b in blocks)
 
 
 def _runs_in_order(blocks: list[Block], position: dict[Node, int]) -> bool:

@@ -38,25 +38,43 @@ def module_path_tokens(path: str) -> tuple[str, ...]:
     return tuple(tokens)
 
 
-def block_tag(node: Node) -> BlockTag | None:
-    """The outermost indexed module (an item of a ModuleList or Sequential) that ran `node`."""
-    found = _block_entry(node)
+# The class recorded for a block whose own forward never ran: its parent called the block's
+# items one by one (ComfyUI's UNet runs each `TimestepEmbedSequential`'s layers itself), so
+# only the items' calls, `input_blocks.4.0`, `input_blocks.4.1`, are on the module stacks.
+ITEMS_RUN_BY_PARENT = "(items run by parent)"
+
+
+def block_tag(node: Node, outermost: bool = False) -> BlockTag | None:
+    """The outermost indexed module (an item of a ModuleList or Sequential) that ran `node`.
+
+    With `outermost`, the outermost indexed item on that module's path, whether or not it
+    ran: `input_blocks.4` for a node that ran in `input_blocks.4.0`.
+    """
+    found = _block_entry(node, outermost)
     return found[0] if found else None
 
 
-def in_submodule_of_block(node: Node) -> bool:
-    """Whether `node` ran in a submodule of its block (blocks are composite, layers are not)."""
-    found = _block_entry(node)
+def in_submodule_of_block(node: Node, outermost: bool = False) -> bool:
+    """Whether `node` ran in a submodule of its block (blocks are composite, layers are not);
+    for a block whose items its parent ran, in a submodule of an item."""
+    found = _block_entry(node, outermost)
     return found is not None and found[1] < len(node.meta["nn_module_stack"]) - 1
 
 
-def _block_entry(node: Node) -> tuple[BlockTag, int] | None:
+def _block_entry(node: Node, outermost: bool = False) -> tuple[BlockTag, int] | None:
+    """(the node's block, the depth on its module stack of the call that found it)."""
     stack = node.meta.get("nn_module_stack") or {}
     for depth, (path, cls) in enumerate(stack.values()):
         tokens = module_path_tokens(path)
-        if tokens and tokens[-1].isdigit():
+        indexed = [i for i, token in enumerate(tokens) if token.isdigit()]
+        if not indexed or (not outermost and indexed[-1] != len(tokens) - 1):
+            continue
+        index = indexed[0] if outermost else len(tokens) - 1
+        if index == len(tokens) - 1:
             cls_name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-            return BlockTag(".".join(tokens[:-1]), int(tokens[-1]), cls_name), depth
+        else:
+            cls_name = ITEMS_RUN_BY_PARENT
+        return BlockTag(".".join(tokens[:index]), int(tokens[index]), cls_name), depth
     return None
 
 

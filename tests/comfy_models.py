@@ -1,0 +1,232 @@
+"""Tiny ComfyUI denoisers with random weights, built the way ComfyUI builds them, for tests.
+
+Each model is made through ComfyUI's own machinery: a `comfy.supported_models` config class
+(`Flux`, `SD3`, `SDXL`, `LTXV`, `HunyuanVideo`, `WAN21_T2V`) -> `get_model` -> its
+`model_base` class (which creates the `diffusion_model`), wrapped in a `ModelPatcher` on the
+CPU, in float32. ComfyUI's default ops skip weight initialisation (weights normally come from
+a checkpoint), so `build()` fills every parameter: matrices and convolutions with
+N(0, 1/fan_in), norm scales with 1 + N(0, 0.1^2), other vectors (biases) with N(0, 0.1^2),
+which keeps activations finite and of order one through every block. It then lets the
+timestep MLPs see only the slow timestep sinusoids (`smooth_time_embedding_`), so that the
+first block's output changes from step to step about as a trained model's does.
+
+    import comfy_models
+    tiny = comfy_models.build("flux")             # a TinyModel
+    nodes.common_ksampler(tiny.patcher, 0, 8, tiny.cfg, "euler", "simple",
+                          tiny.positive, tiny.negative, tiny.latent())
+
+Conditioning is in ComfyUI's format, `[[cond, {"pooled_output": pooled, ...}]]`, with the
+context (and pooled) widths each tiny config expects; video models get 2 latent frames.
+An 8-step KSampler run takes about 0.05-0.3 s per model on one CPU thread.
+Call `comfy_support.load()` (or `require()`) before importing this module.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+
+TOKENS = 6  # text tokens of the conditioning
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How to build one tiny model and what it is sampled with."""
+
+    config_class: str  # name in comfy.supported_models
+    unet_config: dict
+    latent_shape: tuple[int, ...]
+    context_dim: int
+    pooled_dim: int | None = None  # None: no pooled_output in the conditioning
+    extra_cond: dict = field(default_factory=dict)  # more keys of the conditioning dict
+    cached_blocks: tuple[str, ...] = ()  # the blocks the backend caches (its region)
+    cfg: float = 2.0  # 1.0 for guidance-distilled models (FLUX.1-dev, HunyuanVideo)
+    random_buffers: tuple[str, ...] = ()  # buffers ComfyUI leaves uninitialised (torch.empty)
+    time_embedders: tuple[str, ...] = ()  # Linear layers that read the timestep sinusoids
+
+
+def _blocks(stack: str, count: int) -> tuple[str, ...]:
+    return tuple(f"{stack}.{i}" for i in range(count))
+
+
+SDXL_POOLED = 16
+SDXL_SIZE_EMBEDDINGS = 6 * 256  # model_base.SDXL.encode_adm appends six 256-wide embeddings
+
+SPECS: dict[str, Spec] = {
+    "flux": Spec(
+        "Flux",
+        {
+            "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2,
+            "vec_in_dim": 8, "context_in_dim": 8, "hidden_size": 32, "mlp_ratio": 4.0,
+            "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6],
+            "theta": 10000, "qkv_bias": True, "guidance_embed": True, "txt_ids_dims": [],
+        },
+        latent_shape=(1, 16, 8, 8), context_dim=8, pooled_dim=8, extra_cond={"guidance": 3.5},
+        cached_blocks=_blocks("double_blocks", 2) + _blocks("single_blocks", 2), cfg=1.0,
+        time_embedders=("time_in.in_layer",),
+    ),
+    "sd3": Spec(
+        "SD3",
+        {
+            "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2,  # width 64 * depth
+            "input_size": None, "adm_in_channels": 16, "pos_embed_max_size": 8, "num_patches": 64,
+            "context_embedder_config": {
+                "target": "torch.nn.Linear", "params": {"in_features": 16, "out_features": 128},
+            },
+            "qk_norm": "rms", "x_block_self_attn_layers": [],
+        },
+        latent_shape=(1, 16, 8, 8), context_dim=16, pooled_dim=16, cached_blocks=_blocks("joint_blocks", 2),
+        random_buffers=("pos_embed",), time_embedders=("t_embedder.mlp.0",),
+    ),
+    "sdxl": Spec(
+        "SDXL",
+        {
+            "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
+            "model_channels": 32, "num_res_blocks": [1, 1], "channel_mult": [1, 2],
+            "transformer_depth": [0, 1], "transformer_depth_output": [0, 0, 1, 1],
+            "transformer_depth_middle": 1, "use_spatial_transformer": True, "legacy": False,
+            "num_classes": "sequential", "adm_in_channels": SDXL_POOLED + SDXL_SIZE_EMBEDDINGS,
+            "use_linear_in_transformer": True, "context_dim": 16, "dtype": torch.float32,
+            "use_temporal_attention": False, "use_temporal_resblock": False,
+        },
+        latent_shape=(1, 4, 8, 8), context_dim=16, pooled_dim=SDXL_POOLED,
+        extra_cond={"width": 64, "height": 64},
+        # ComfyUI's UNetModel runs the layers of each TimestepEmbedSequential itself
+        # (forward_timestep_embed), so only `input_blocks.N.i` calls are on the module stacks;
+        # they still make the block `input_blocks.N`. input_blocks.0 (the input conv, a plain
+        # layer) runs in the prologue; the region runs through the middle block and up path.
+        cached_blocks=tuple(f"input_blocks.{i}" for i in range(1, 4)) + _blocks("middle_block", 3)
+        + _blocks("output_blocks", 4),
+        time_embedders=("time_embed.0",),
+    ),
+    "ltxv": Spec(
+        "LTXV",
+        {
+            "image_model": "ltxv", "in_channels": 128, "num_layers": 3, "attention_head_dim": 16,
+            "num_attention_heads": 2, "cross_attention_dim": 32, "caption_channels": 16,
+        },
+        latent_shape=(1, 128, 2, 4, 4), context_dim=16,  # LTXV latents have 128 channels
+        extra_cond={"frame_rate": 25, "attention_mask": torch.ones(1, TOKENS, dtype=torch.long)},
+        cached_blocks=_blocks("transformer_blocks", 3),
+        time_embedders=("adaln_single.emb.timestep_embedder.linear_1",),
+    ),
+    "hunyuan_video": Spec(
+        "HunyuanVideo",
+        {
+            "image_model": "hunyuan_video", "in_channels": 16, "out_channels": 16,
+            "vec_in_dim": 8, "context_in_dim": 8, "hidden_size": 32, "mlp_ratio": 4.0,
+            "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [4, 6, 6],
+            "theta": 256, "patch_size": [1, 2, 2], "qkv_bias": True, "guidance_embed": True,
+            "byt5": False, "meanflow": False, "use_cond_type_embedding": False,
+            "vision_in_dim": None, "meanflow_sum": False,
+        },
+        latent_shape=(1, 16, 2, 8, 8), context_dim=8, pooled_dim=8, extra_cond={"guidance": 6.0},
+        cached_blocks=_blocks("double_blocks", 2) + _blocks("single_blocks", 2), cfg=1.0,
+        time_embedders=("time_in.in_layer", "txt_in.t_embedder.in_layer"),
+    ),
+    "wan": Spec(
+        "WAN21_T2V",
+        {
+            "image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "text_len": 8,
+            "in_dim": 16, "dim": 32, "ffn_dim": 64, "freq_dim": 32, "text_dim": 16, "out_dim": 16,
+            "num_heads": 2, "num_layers": 3, "window_size": (-1, -1), "qk_norm": True,
+            "cross_attn_norm": True, "eps": 1e-6,
+        },
+        latent_shape=(1, 16, 2, 8, 8), context_dim=16, cached_blocks=_blocks("blocks", 3),
+        time_embedders=("time_embedding.0",),
+    ),
+}
+
+MODEL_NAMES = tuple(SPECS)
+
+
+@dataclass
+class TinyModel:
+    """A tiny ComfyUI model and what KSampler needs to sample it."""
+
+    name: str
+    spec: Spec
+    patcher: comfy.model_patcher.ModelPatcher
+    positive: list
+    negative: list
+    # The model as built. Clones of a ModelPatcher share its `model`, and ComfyUI leaves a
+    # clone's object patches (e.g. a compiled `diffusion_model`) applied while it is loaded,
+    # so `patcher.model.diffusion_model` is not always this module.
+    diffusion_model: torch.nn.Module
+
+    @property
+    def cfg(self) -> float:
+        return self.spec.cfg
+
+    def latent(self) -> dict:
+        """An empty latent (zeros, as EmptyLatentImage and its video siblings make)."""
+        return {"samples": torch.zeros(self.spec.latent_shape)}
+
+
+NORM_SCALES = ("weight", "scale")  # a vector by these names is a norm's scale: about 1
+
+
+def randomize_(module: torch.nn.Module, seed: int, buffers: tuple[str, ...] = ()) -> None:
+    """Fill every parameter (and the named buffers): fan-in scaled normals for matrices and
+    convolutions, about 1 for norm scales, small normals for other vectors (biases)."""
+    g = torch.Generator().manual_seed(seed)
+    named = dict(module.named_buffers())
+    tensors = [*module.named_parameters(), *((b, named[b]) for b in buffers)]
+    with torch.no_grad():
+        for name, p in tensors:
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if p.ndim >= 2:
+                p.copy_(noise / math.sqrt(p[0].numel()))  # fan-in: all but dim 0
+            elif name.rpartition(".")[2] in NORM_SCALES:
+                p.copy_(1.0 + noise * 0.1)
+            else:
+                p.copy_(noise * 0.1)
+
+
+@torch.no_grad()
+def smooth_time_embedding_(module: torch.nn.Module, paths: tuple[str, ...], max_radians: float = 10.0) -> None:
+    """Let the random timestep MLPs see only the slow sinusoids of the timestep.
+
+    Every model here embeds t (in [0, 1]) * 1000 as [cos, sin] of the frequencies
+    10000^(-i/half); random weights mix the fast ones in as strongly as the slow ones, so the
+    modulation of every block jumps between neighbouring steps, unlike a trained model's
+    (as in benchmarks/demo.py). Zeroing the input weights of sinusoids that turn more than
+    `max_radians` over the schedule makes the first block's residual change smoothly.
+    """
+    for path in paths:
+        linear = module.get_submodule(path)
+        half = linear.in_features // 2
+        frequencies = torch.pow(10000.0, -torch.arange(half) / half) * 1000
+        slow = (frequencies <= max_radians).to(linear.weight.dtype)
+        linear.weight.mul_(torch.cat([slow, slow]))
+
+
+def conditioning(spec: Spec, seed: int) -> list:
+    """`[[cond, {"pooled_output": ..., ...}]]`: ComfyUI's conditioning for `spec`."""
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.randn(1, TOKENS, spec.context_dim, generator=g)
+    extra = dict(spec.extra_cond)
+    if spec.pooled_dim is not None:
+        extra["pooled_output"] = torch.randn(1, spec.pooled_dim, generator=g)
+    return [[cond, extra]]
+
+
+def build(name: str, seed: int = 0) -> TinyModel:
+    """A `ModelPatcher` around ComfyUI's model class for `name`, random weights from `seed`."""
+    spec = SPECS[name]
+    config = getattr(comfy.supported_models, spec.config_class)(dict(spec.unet_config))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    randomize_(model.diffusion_model, seed, spec.random_buffers)
+    smooth_time_embedding_(model.diffusion_model, spec.time_embedders)
+    model.eval()
+    device = comfy.model_management.get_torch_device()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+    return TinyModel(name, spec, patcher, conditioning(spec, seed + 1), conditioning(spec, seed + 2),
+                     model.diffusion_model)
