@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import weakref
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -58,7 +57,9 @@ class _Run:
 
 
 _run: ContextVar[_Run | None] = ContextVar("wavepass_comfy_run", default=None)
-_compiled: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, Callable]] = weakref.WeakKeyDictionary()
+# Compiled modules live on the module they compile (not registered as a submodule), so they
+# go with it: a cache keyed by the module would keep every model ever compiled alive.
+_COMPILED_ATTRIBUTE = "_wavepass_compiled"
 
 
 def settings_of(patcher) -> dict[str, dict[str, Any]]:
@@ -107,7 +108,7 @@ def compiled_module(module: torch.nn.Module, settings: dict[str, dict[str, Any]]
     """`torch.compile(module, backend="wavespeed", ...)`, one per module and settings."""
     options, kwargs = backend_options(settings)
     key = json.dumps([options, kwargs], sort_keys=True)
-    per_module = _compiled.setdefault(module, {})
+    per_module = module.__dict__.setdefault(_COMPILED_ATTRIBUTE, {})
     if key not in per_module:
         per_module[key] = torch.compile(
             module, backend="wavespeed",
