@@ -14,3 +14,13 @@ def test_ci_runs_the_readme_commands():
     assert setup != setup_and_demo, "the first command must end by running the demo"
     assert setup in ci
     assert ci[-1] == tests
+
+
+def test_readme_shows_the_current_benchmark_tables():
+    """Every `<!-- begin <path> -->` block of the README is that results file, verbatim
+    (benchmarks/compare.py rewrites the block when it writes the file)."""
+    text = (ROOT / "README.md").read_text()
+    included = re.findall(r"<!-- begin (\S+) -->\n(.*?)<!-- end \1 -->", text, re.S)
+    assert included, "the README includes no benchmark table"
+    for path, block in included:
+        assert block == (ROOT / path).read_text(), f"README's copy of {path} is stale"

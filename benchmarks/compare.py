@@ -1,0 +1,600 @@
+"""wavespeed against its peers: First Block Cache implementations on two Flux denoisers.
+
+    python benchmarks/compare.py                       # CPU fp32; writes benchmarks/results/compare-cpu.*
+    python benchmarks/compare.py --device cuda         # CUDA bf16; writes compare-cuda.*
+
+Workloads (28 FlowMatch Euler steps each, one image per denoiser call):
+
+* digits -- the class-conditional FLUX trained on scikit-learn's digits
+  (`benchmarks/digits`, weights committed); samples are scored by a classifier trained on the
+  same data set, so quality is a number no cache can game.
+* medium -- `benchmarks/demo.py`'s medium random-weight Flux (compute-bound timing).
+
+Configurations: eager; plain Inductor; wavespeed; diffusers' `FirstBlockCacheConfig` (eager
+and `torch.compile`); cache-dit's DBCache F1B0 (eager and compiled); para-attn's FLUX cache
+as shipped (fails on diffusers 0.42: the error is the result) and para-attn through a small
+labelled adapter (`para_attn_adapter`). Every cache runs at each `--thresholds` value.
+
+Figures per configuration: median wall time per image over `--repeats` x images, speed-up over
+eager (measured in the same run), skipped steps per image, compile time cold (a subprocess
+with an empty Inductor cache folder) and warm (first image minus the median image, with the
+cold probe's cache), Dynamo recompiles and graph breaks, PSNR and max error of the final
+latents against eager, and (digits) the classifier's accuracy on the conditioned class.
+
+Outputs under `--out` (default benchmarks/results/compare-<device>): .json, .md (the README's
+table), .png (speed vs quality) and -digits.png (generated digits per configuration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import unittest.mock
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")  # before cache_dit is imported
+
+import diffusers  # noqa: E402
+import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir  # noqa: E402
+
+import wavepass  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo  # noqa: E402
+import digits  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLD_PROBE_THRESHOLD = 0.12  # a compiled family's cold compile is measured once, at this threshold
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cuda runs in bf16, cpu in fp32")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared CPU, two-thread OpenMP is 20-40x slower "
+                             "whenever another process holds a core)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.08, 0.12, 0.2])
+    parser.add_argument("--workloads", nargs="+", choices=("digits", "medium"), default=["digits", "medium"])
+    parser.add_argument("--digits-images", type=int, default=10, help="digits images per repeat (label = index %% 10)")
+    parser.add_argument("--medium-images", type=int, default=1, help="medium-model images per repeat")
+    parser.add_argument("--repeats", type=int, default=2, help="timed passes over the images")
+    parser.add_argument("--families", nargs="+", default=None,
+                        help="only these configuration families (names as in the table; eager always runs)")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-compile subprocesses")
+    parser.add_argument("--out", type=Path, default=None, help="output path prefix")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other workloads of an existing <out>.json (each keeps its own run's "
+                             "settings and date) and rewrite the outputs with these added")
+    parser.add_argument("--cold-probe", nargs=2, metavar=("WORKLOAD", "CONFIG"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / f"compare-{args.device}"
+    return args
+
+
+# ----------------------------------------------------------------------------- workloads
+
+@dataclass
+class Workload:
+    name: str
+    build: Callable[[], torch.nn.Module]  # a fresh denoiser (eval, on the device, in the dtype)
+    conditions: list  # one dict per image, as `digits.sample` takes it
+    labels: list | None = None  # conditioned class per image (digits)
+    classifier: object = None
+
+
+def dtype_for(device):
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
+def digits_workload(args, classifier=None):
+    """The trained digits model; image i is class i % 10 from noise seed 1000 + i."""
+    dtype = dtype_for(args.device)
+    _, label_encoder = digits.load(dtype=dtype, device=args.device)
+    labels = [i % digits.NUM_CLASSES for i in range(args.digits_images)]
+    conditions = [digits.make_condition(label_encoder, torch.tensor([label]), 1000 + i)
+                  for i, label in enumerate(labels)]
+    return Workload("digits", lambda: digits.load(dtype=dtype, device=args.device)[0], conditions,
+                    labels, classifier)
+
+
+def medium_workload(args):
+    """demo.py's medium random Flux with its inputs (seeds 0, 1, ...)."""
+    dtype = dtype_for(args.device)
+    conditions = [{k: v.to(args.device, dtype) for k, v in demo.make_inputs(seed).items()}
+                  for seed in range(args.medium_images)]
+    return Workload("medium", lambda: digits.to_device(demo.build_model("medium", 0), args.device, dtype),
+                    conditions)
+
+
+# ----------------------------------------------------------------------------- configurations
+
+@dataclass
+class Runner:
+    """How a configuration calls the denoiser: `call(**kwargs)` as FluxPipeline calls it,
+    `reset()` before each image, `skipped()` the skipped calls of the last image (None: no cache)."""
+    call: Callable
+    reset: Callable[[], None] = lambda: None
+    skipped: Callable[[], int | None] = lambda: None
+
+
+@dataclass
+class Config:
+    name: str
+    family: str
+    setup: Callable[[torch.nn.Module, float, int], Runner]  # (model, threshold, steps) -> Runner
+    threshold: float | None = None
+    compiled: bool = False
+    note: str = ""
+
+
+def eager(model, threshold, steps):
+    return Runner(model)
+
+
+def inductor(model, threshold, steps):
+    return Runner(torch.compile(model, backend="inductor"))
+
+
+def wavespeed(model, threshold, steps):
+    compiled = torch.compile(model, backend="wavespeed", options={"residual_diff_threshold": threshold})
+    return Runner(compiled, lambda: wavepass.reset(compiled), lambda: wavepass.stats(compiled).hits)
+
+
+def diffusers_fbc(compiled):
+    """diffusers' FirstBlockCacheConfig hooks, called as FluxPipeline does (inside
+    `transformer.cache_context("cond")`). Skips are counted by wrapping the leader hook's
+    decision function (it is `torch.compiler.disable`d, so this adds no graph break)."""
+
+    def setup(model, threshold, steps):
+        from diffusers import FirstBlockCacheConfig
+
+        model.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        hook = model.transformer_blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook")
+        decisions = []
+        hook._should_compute_remaining_blocks = _recording(hook._should_compute_remaining_blocks, decisions)
+        fn = torch.compile(model) if compiled else model
+
+        def call(**kwargs):
+            with model.cache_context("cond"):
+                return fn(**kwargs)
+
+        def reset():
+            model._reset_stateful_cache()
+            decisions.clear()
+
+        return Runner(call, reset, lambda: decisions.count(False))
+
+    return setup
+
+
+def cache_dit(compiled):
+    """cache-dit DBCache with one front block and no back blocks (First Block Cache) on the
+    transformer alone; `refresh_context` starts each image, `summary` gives the cached steps."""
+
+    def setup(model, threshold, steps):
+        import cache_dit
+        from cache_dit import DBCacheConfig
+
+        def config():
+            return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                                 max_warmup_steps=0, num_inference_steps=steps)
+
+        cache_dit.enable_cache(model, cache_config=config())
+        fn = torch.compile(model) if compiled else model
+        return Runner(fn, lambda: cache_dit.refresh_context(model, cache_config=config()),
+                      lambda: len(cache_dit.summary(model, logging=False)[0].cached_steps))
+
+    return setup
+
+
+def para_attn(adapter, compiled):
+    """para-attn's First Block Cache, one cache context per image. adapter=False uses its own
+    FLUX adapter (`apply_cache_on_transformer`); True uses `para_attn_adapter`."""
+
+    def setup(model, threshold, steps):
+        from para_attn.first_block_cache import utils
+        from para_attn.first_block_cache.diffusers_adapters import apply_cache_on_transformer
+
+        (para_attn_adapter if adapter else apply_cache_on_transformer)(model)
+        decisions = []
+        utils.are_two_tensors_similar = _recording(_original_similar(utils), decisions)
+        fn = torch.compile(model) if compiled else model
+        context = []
+
+        def call(**kwargs):
+            with utils.cache_context(context[0]):
+                return fn(**kwargs)
+
+        def reset():
+            context[:] = [utils.create_cache_context(residual_diff_threshold=threshold)]
+            decisions.clear()
+
+        reset()
+        return Runner(call, reset, lambda: decisions.count(True))
+
+    return setup
+
+
+def para_attn_adapter(transformer):
+    """ADAPTER (ours, not para-attn's): para-attn 0.3.38's FLUX adapter runs the single blocks
+    as `block(hidden_states, temb=..., image_rotary_emb=...)`, an older diffusers signature
+    (TypeError: missing 'encoder_hidden_states'); diffusers 0.42's single blocks take and return (encoder_hidden_states, hidden_states)
+    like the dual blocks. So all blocks go, in order, into para-attn's own
+    `CachedTransformerBlocks` as one dual-style list, and the transformer's forward is patched
+    the way para-attn's adapter patches it. The caching logic is para-attn's, unchanged."""
+    from para_attn.first_block_cache import utils
+
+    blocks = torch.nn.ModuleList([*transformer.transformer_blocks, *transformer.single_transformer_blocks])
+    cached = torch.nn.ModuleList([utils.CachedTransformerBlocks(
+        blocks, None, transformer=transformer, return_hidden_states_first=False)])
+    original_forward = transformer.forward
+
+    def forward(*args, **kwargs):
+        with unittest.mock.patch.object(transformer, "transformer_blocks", cached), \
+                unittest.mock.patch.object(transformer, "single_transformer_blocks", torch.nn.ModuleList()):
+            return original_forward(*args, **kwargs)
+
+    transformer.forward = forward
+    return transformer
+
+
+def _original_similar(utils):
+    """para-attn's `are_two_tensors_similar`, unwrapped if an earlier configuration wrapped it."""
+    fn = utils.are_two_tensors_similar
+    return getattr(fn, "_wrapped_original", fn)
+
+
+def _recording(fn, decisions):
+    """`fn` that also appends each result to `decisions`; kept out of Dynamo graphs."""
+
+    @torch.compiler.disable
+    def recorded(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        decisions.append(bool(result))
+        return result
+
+    recorded._wrapped_original = fn
+    return recorded
+
+
+def configurations(thresholds, families=None):
+    """Every configuration, eager first (the baseline), cache-dit last (it patches on import)."""
+    cached = [
+        ("wavespeed", wavespeed, True, ""),
+        ("diffusers-fbc", diffusers_fbc(False), False, ""),
+        ("diffusers-fbc+compile", diffusers_fbc(True), True, ""),
+        ("para-attn", para_attn(False, False), False, "para-attn's own FLUX adapter"),
+        ("para-attn-adapter", para_attn(True, False), False, "para-attn cache via our adapter"),
+        ("para-attn-adapter+compile", para_attn(True, True), True, "para-attn cache via our adapter"),
+        ("cache-dit", cache_dit(False), False, ""),
+        ("cache-dit+compile", cache_dit(True), True, ""),
+    ]
+    configs = [Config("eager", "eager", eager), Config("inductor", "inductor", inductor, compiled=True)]
+    for family, setup, compiled, note in cached:
+        family_thresholds = thresholds[:1] if family == "para-attn" else thresholds  # it fails: once is enough
+        configs += [Config(f"{family} {t:g}", family, setup, t, compiled, note) for t in family_thresholds]
+    return [c for c in configs if c.family == "eager" or families is None or c.family in families]
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def synchronize(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def dynamo_counts():
+    """(recompiles, graph breaks) since the last `reset_dynamo`."""
+    recompiles = sum(len(reasons) for reasons in torch._dynamo.utils.guard_failures.values())
+    return recompiles, sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def reset_dynamo():
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch._dynamo.utils.guard_failures.clear()
+
+
+def run_image(runner, cond, args):
+    """One image: reset the cache, sample, return (seconds, latent, skipped calls)."""
+    runner.reset()
+
+    def go():
+        latent = digits.sample(runner.call, cond, args.steps)
+        synchronize(args.device)
+        return latent
+
+    seconds, latent = demo.timed(go)
+    return seconds, latent, runner.skipped()
+
+
+@dataclass
+class Measured:
+    config: Config
+    first_image_s: float = math.nan
+    image_times: list = field(default_factory=list)
+    latents: list = field(default_factory=list)  # final latents of the last repeat, per image
+    skipped: list = field(default_factory=list)  # skipped calls per image, last repeat
+    recompiles: int = 0
+    graph_breaks: int = 0
+    cold_compile_s: float | None = None
+    error: str | None = None
+
+
+def measure(workload, config, args):
+    """A fresh model, one untimed-for-speed first image (compiles), then `args.repeats` timed
+    passes over the workload's images. Errors become the result."""
+    result = Measured(config)
+    reset_dynamo()
+    try:
+        runner = config.setup(workload.build(), config.threshold, args.steps)
+        with torch.no_grad():
+            result.first_image_s = run_image(runner, workload.conditions[0], args)[0]
+            for _ in range(args.repeats):
+                result.latents, result.skipped = [], []
+                for cond in workload.conditions:
+                    seconds, latent, skipped = run_image(runner, cond, args)
+                    result.image_times.append(seconds)
+                    result.latents.append(latent.float().cpu())
+                    result.skipped.append(skipped)
+    except Exception as exc:  # noqa: BLE001 -- a peer that fails is a result, with its reason
+        result.error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
+    result.recompiles, result.graph_breaks = dynamo_counts()
+    return result
+
+
+def cold_compile(workload_name, config, args):
+    """Compile time with an empty Inductor cache, in a subprocess; returns (seconds, cache dir).
+    The main process then measures the family with that cache dir (the warm compile)."""
+    cache = tempfile.mkdtemp(prefix="wavepass-compare-inductor-")
+    command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
+               "--threads", str(args.threads), "--digits-images", "1", "--medium-images", "1",
+               "--thresholds", str(config.threshold if config.threshold is not None else COLD_PROBE_THRESHOLD),
+               "--cold-probe", workload_name, config.name]
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("COLD ")]
+    if done.returncode != 0 or not lines:
+        return None, cache
+    return json.loads(lines[-1][5:])["cold_compile_s"], cache
+
+
+def cold_probe(args):
+    """Subprocess side of `cold_compile`: first image (compiles) minus a second image."""
+    name, config_name = args.cold_probe
+    workload = digits_workload(args) if name == "digits" else medium_workload(args)
+    config = next(c for c in configurations(args.thresholds) if c.name == config_name)
+    runner = config.setup(workload.build(), config.threshold, args.steps)
+    with torch.no_grad():
+        first = run_image(runner, workload.conditions[0], args)[0]
+        second = run_image(runner, workload.conditions[0], args)[0]
+    print("COLD " + json.dumps({"cold_compile_s": first - second}))
+
+
+def measure_workload(workload, configs, args):
+    """Every configuration on one workload. A compiled family first gets a cold probe of one
+    configuration (threshold COLD_PROBE_THRESHOLD where it has one) and is then measured warm,
+    with the probe's Inductor cache; the cold figure goes on the probed configuration's row."""
+    results, probes = [], {}  # family -> (cold seconds, cache dir, probed config name)
+    for config in configs:
+        if config.compiled and not args.no_cold and config.family not in probes:
+            family = [c for c in configs if c.family == config.family]
+            probed = next((c for c in family if c.threshold in (None, COLD_PROBE_THRESHOLD)), family[0])
+            probes[config.family] = (*cold_compile(workload.name, probed, args), probed.name)
+        cold_s, cache, probed_name = probes.get(config.family, (None, None, None))
+        print(f"  {workload.name}: {config.name} ...", end="", flush=True)
+        if cache is None:
+            result = measure(workload, config, args)
+        else:
+            with temporary_cache_dir(cache):
+                result = measure(workload, config, args)
+        result.cold_compile_s = cold_s if config.name == probed_name else None
+        print(f" {result.error or f'{statistics.median(result.image_times):.3f} s/image'}", flush=True)
+        results.append(result)
+    return results
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def row(result, baseline, workload, args):
+    """The table row of one configuration, against the eager baseline of the same run."""
+    config = result.config
+    out = dict(config=config.name, family=config.family, threshold=config.threshold,
+               compiled=config.compiled, note=config.note, error=result.error)
+    if result.error:
+        return out
+    median_s = statistics.median(result.image_times)
+    reference = torch.cat(baseline.latents)
+    max_err, psnr = demo.accuracy(torch.cat(result.latents), reference)
+    skipped = [s for s in result.skipped if s is not None]
+    warm = result.first_image_s - median_s if config.compiled else None
+    out.update(
+        s_per_image=median_s, speedup_vs_eager=statistics.median(baseline.image_times) / median_s,
+        skipped_per_image=statistics.mean(skipped) if skipped else None, steps=args.steps,
+        compile_cold_s=result.cold_compile_s, compile_warm_s=warm,
+        recompiles=result.recompiles, graph_breaks=result.graph_breaks,
+        psnr_db=None if math.isinf(psnr) else psnr, max_abs_err=max_err,
+        accuracy=classifier_accuracy(workload, result.latents),
+    )
+    return out
+
+
+def classifier_accuracy(workload, latents):
+    """Fraction of generated digits the classifier assigns to their conditioned class."""
+    if workload.classifier is None:
+        return None
+    predicted = digits.classify(workload.classifier, digits.to_pixels(torch.cat(latents)))
+    return (predicted == torch.tensor(workload.labels)).float().mean().item()
+
+
+def fmt(value, spec, empty="-"):
+    return empty if value is None else format(value, spec)
+
+
+def markdown_table(rows, steps):
+    lines = [
+        "| config | s/image | speed-up | skipped | compile cold / warm (s) | recompiles | graph breaks "
+        "| PSNR (dB) | max err | accuracy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    failures = []
+    for r in rows:
+        if r["error"]:
+            failures.append(f"- `{r['config']}` ({r['note'] or r['family']}): `{r['error']}`")
+            lines.append(f"| {r['config']} | failed (see below) | | | | | | | | |")
+            continue
+        skipped = "-" if r["skipped_per_image"] is None else f"{r['skipped_per_image']:.1f}/{steps}"
+        compile_s = ("-" if not r["compiled"] else
+                     f"{fmt(r['compile_cold_s'], '.1f')} / {fmt(r['compile_warm_s'], '.1f')}")
+        lines.append(
+            f"| {r['config']} | {r['s_per_image']:.3f} | {r['speedup_vs_eager']:.2f}x | {skipped} | {compile_s} "
+            f"| {r['recompiles']} | {r['graph_breaks']} | {fmt(r['psnr_db'], '.1f', 'exact')} "
+            f"| {r['max_abs_err']:.2e} | {fmt(r['accuracy'], '.0%')} |")
+    return "\n".join(lines + ([""] + failures if failures else []))
+
+
+def write_markdown(path, record):
+    parts = [f"Device: {record['device']} ({record['dtype']}, {record['threads']} threads), "
+             f"torch {record['torch']}, diffusers {record['diffusers']}; {record['steps']} FlowMatch Euler "
+             f"steps. "
+             f"Peers: {', '.join(f'{k} {v}' for k, v in record['peers'].items())}."]
+    for name, block in record["workloads"].items():
+        title = {"digits": "Trained digits FLUX", "medium": "Medium random-weight Flux"}[name]
+        extra = (f" Classifier accuracy on real held-out digits: {block['real_accuracy']:.1%}."
+                 if block.get("real_accuracy") is not None else "")
+        parts += [f"### {title} ({block['params_m']:.2f}M params; median of {block['repeats']} passes "
+                  f"over {block['images']} images; run {block['finished']})",
+                  extra.strip(), markdown_table(block["rows"], record["steps"])]
+    path.write_text("\n\n".join(p for p in parts if p) + "\n")
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def include_in_readme(table: Path) -> None:
+    """Replace the README's copy of `table` (between its `<!-- begin/end <path> -->` markers,
+    where it has them) with the table just written; tests/test_readme.py keeps them equal."""
+    name = table.resolve().relative_to(README.parent).as_posix()
+    begin, end = f"<!-- begin {name} -->\n", f"<!-- end {name} -->"
+    text = README.read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        README.write_text(head + begin + table.read_text() + end + rest.split(end, 1)[1])
+
+
+def write_plot(path, record):
+    """Speed-up against quality: classifier accuracy (digits), PSNR vs eager (medium)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(record["workloads"])
+    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rows = [r for r in record["workloads"][name]["rows"] if not r["error"]]
+        metric = "accuracy" if name == "digits" else "psnr_db"
+        families = sorted({r["family"] for r in rows}, key=[r["family"] for r in rows].index)
+        for index, family in enumerate(families):
+            points = [(r["speedup_vs_eager"], r[metric] if r[metric] is not None else 100.0, r["threshold"])
+                      for r in rows if r["family"] == family]
+            xs, ys, ts = zip(*points)
+            ax.plot(xs, ys, marker="os^vD<>ph"[index % 9], label=family)
+            for x, y, t in points:
+                if t is not None:
+                    ax.annotate(f"{t:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("speed-up over eager (median time per image)")
+        ax.set_ylabel("classifier accuracy" if metric == "accuracy" else "PSNR vs eager (dB; exact = 100)")
+        ax.set_title(f"{name} ({record['device']})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_digits_grid(path, results, workload):
+    """One row of generated digits per configuration (last pass), with its label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if not r.error]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(len(workload.conditions) * 0.45 + 2.5, len(rows) * 0.5))
+    for ax, result in zip(axes, rows):
+        pixels = torch.nn.functional.pad(digits.to_pixels(torch.cat(result.latents)), (0, 1))  # 1-px gaps
+        ax.imshow(torch.cat(list(pixels), dim=1).numpy(), cmap="gray_r", vmin=0, vmax=16)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(result.config.name, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"digits, conditioned classes {workload.labels[:10]}...", fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def peer_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("cache-dit", "para-attn"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.cold_probe:
+        return cold_probe(args)
+    train, held_out = digits.load_splits()
+    classifier = digits.fit_classifier(train)
+    real_accuracy = (digits.classify(classifier, (held_out.images.squeeze(1) + 1) * 8)
+                     == held_out.labels).float().mean().item()
+    configs = configurations(args.thresholds, args.families)
+    record = dict(device=args.device, dtype=str(dtype_for(args.device)), threads=torch.get_num_threads(),
+                  torch=torch.__version__, diffusers=diffusers.__version__, peers=peer_versions(),
+                  steps=args.steps, repeats=args.repeats, thresholds=args.thresholds,
+                  cold_probe_threshold=COLD_PROBE_THRESHOLD, workloads={},
+                  command=" ".join([Path(sys.executable).name, *sys.argv]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__} | diffusers {diffusers.__version__} | {args.device} "
+          f"| {len(configs)} configurations | peers {record['peers']}")
+    if args.append and args.out.with_suffix(".json").exists():
+        record["workloads"] = json.loads(args.out.with_suffix(".json").read_text())["workloads"]
+    for name in args.workloads:
+        workload = digits_workload(args, classifier) if name == "digits" else medium_workload(args)
+        results = measure_workload(workload, configs, args)
+        baseline = results[0]
+        record["workloads"][name] = dict(
+            images=len(workload.conditions), repeats=args.repeats, command=record["command"],
+            finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            params_m=sum(p.numel() for p in workload.build().parameters()) / 1e6,
+            real_accuracy=real_accuracy if name == "digits" else None,
+            rows=[row(r, baseline, workload, args) for r in results])
+        if name == "digits":
+            write_digits_grid(args.out.with_name(args.out.name + "-digits.png"), results, workload)
+    args.out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_markdown(args.out.with_suffix(".md"), record)
+    include_in_readme(args.out.with_suffix(".md"))
+    write_plot(args.out.with_suffix(".png"), record)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
