@@ -294,6 +294,8 @@ class RandomDenoiser(nn.Module):
         self.joined = bool(joins)
         # the image stream leaving the blocks continues cat([txt, img]) of the first block's
         self.joins_in_rest = any(self.first < j <= self.last for j in joins)
+        joins_in_tail = any(j > self.last for j in joins)
+        self.rest_hands_on_text = spec.text_out or joins_in_tail  # the epilogue reads the text
 
     def run(self, steps, x, c, temb, cond):
         for s, i in steps:
@@ -315,7 +317,7 @@ class RandomDenoiser(nn.Module):
     def rest(self, first, aux):
         steps = self.steps[self.first + 1 : self.last + 1]
         x, c = self.run(steps, first["img"], first["txt"], *aux)
-        return {"img": x, "txt": c} if self.text_out is not None else {"img": x}
+        return {"img": x, "txt": c} if self.rest_hands_on_text else {"img": x}
 
     def tail(self, final, aux):
         temb = aux[0]

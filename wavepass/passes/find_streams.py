@@ -61,14 +61,15 @@ def trace_stream(value: Node, candidates: Collection[Node], within: Set[Node]) -
     """
     order = {node: i for i, node in enumerate(value.graph.nodes)}
     found: set[Node] = set()
-    seen: set[tuple[Node, _Region | None]] = set()
+    seen: set[tuple[Node, tuple | None]] = set()
     todo: list[tuple[Node, _Region | None]] = [(value, None)]
     wanted = set(candidates)
     while todo:
         node, region = todo.pop()
-        if (node, region) in seen:
+        key = (node, _hashable(region))
+        if key in seen:
             continue
-        seen.add((node, region))
+        seen.add(key)
         if node in wanted and region is None:
             found.add(node)
             continue
@@ -85,11 +86,14 @@ class Concatenation(NamedTuple):
     dim: int
 
 
-def trace_concatenation(value: Node, candidates: Collection[Node], within: Set[Node]) -> Concatenation | None:
+def trace_concatenation(value: Node, candidates: Collection[Node], within: Set[Node],
+                        fallback: Collection[Node] = ()) -> Concatenation | None:
     """The candidates whose concatenation `value` continues as a whole, if any.
 
     Walks back from `value` along identity paths (within `within`) to a `cat` whose every
-    part continues a candidate (`trace_stream`); the latest such `cat` in graph order wins.
+    part continues a candidate (`trace_stream`), or else one of `fallback` (a part that
+    passes through the blocks unchanged continues a value from before them); the latest such
+    `cat` in graph order wins.
     """
     order = {node: i for i, node in enumerate(value.graph.nodes)}
     seen: set[Node] = set()
@@ -104,8 +108,11 @@ def trace_concatenation(value: Node, candidates: Collection[Node], within: Set[N
             continue
         todo.extend(source for source, region in _identity_sources(node, None) if region is None)
     for join in sorted(joins, key=order.__getitem__, reverse=True):
-        parts = [trace_stream(part, candidates, within) if isinstance(part, Node) else None
-                 for part in join.args[0]]
+        parts = [
+            trace_stream(part, candidates, within) or trace_stream(part, fallback, within)
+            if isinstance(part, Node) else None
+            for part in join.args[0]
+        ]
         if parts and all(p is not None for p in parts):
             return Concatenation(tuple(parts), _cat_dim(join))
     return None
@@ -196,6 +203,11 @@ def _through_cat(node: Node, region: _Region | None) -> list[tuple[Node, _Region
             return [(part, _whole_or(inner, size))]
         offset = offset + size
     return []
+
+
+def _hashable(region: _Region | None) -> tuple | None:
+    """A region as a set key: symbolic bounds (unhashable SymInts) by their expression."""
+    return None if region is None else tuple(str(v) for v in region)
 
 
 def _known(condition) -> bool:

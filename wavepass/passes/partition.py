@@ -196,7 +196,7 @@ def _stream_of(result: Node, sources: list[Node], first_block: set[Node], rest: 
     source = trace_stream(result, from_block, rest) or trace_stream(result, sources, rest)
     if source is not None:
         return Stream((source,), result)
-    joined = trace_concatenation(result, from_block, rest)
+    joined = trace_concatenation(result, from_block, rest, fallback=sources)
     if joined is not None:
         return Stream(joined.parts, result, joined.dim)
     same_shape_outputs = [s for s in from_block if same_shape(s, result)]
@@ -220,11 +220,14 @@ def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None
     instead, so no piece but the head (whose inputs are the model's) mutates its inputs: a
     piece's inputs may alias one another differently at run time (a skipped step builds them
     afresh) than in the trace. `before(graph, env, node)` may add nodes as they are copied;
-    `after(graph, env, placeholders)` returns extra outputs.
+    `after(graph, env, placeholders)` returns extra outputs. Every piece also takes the
+    graph's size inputs (SymInt placeholders under dynamic shapes): Inductor needs each symbol
+    a piece's values use among its inputs.
     """
     graph = Graph()
     env: dict[Node, Node] = {}
     placeholders: dict[Node, Node] = {}
+    inputs = list(inputs) + [s for s in _size_inputs(gm) if s not in inputs]
     for value in inputs:
         placeholder = graph.placeholder(value.name)
         placeholder.meta = dict(value.meta)
@@ -244,6 +247,10 @@ def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None
         outs = tuple(outputs)
     graph.lint()
     return Piece(GraphModule(gm, graph), tuple(inputs), outs)
+
+
+def _size_inputs(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.find_nodes(op="placeholder") if isinstance(example_value(n), torch.SymInt)]
 
 
 def _inputs_written_in_place(nodes, inputs) -> list[Node]:
