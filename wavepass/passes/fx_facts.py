@@ -11,7 +11,7 @@ import re
 from typing import NamedTuple
 
 import torch
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 # Tokens of a Dynamo module path that say how the path was written, not which module it names:
@@ -76,6 +76,21 @@ def _block_entry(node: Node, outermost: bool = False) -> tuple[BlockTag, int] | 
             cls_name = ITEMS_RUN_BY_PARENT
         return BlockTag(".".join(tokens[:index]), int(tokens[index]), cls_name), depth
     return None
+
+
+def inputs_of(nodes, inside: set[Node]) -> list[Node]:
+    """Values read by `nodes` that are defined outside them (`inside`), in first-use order."""
+    seen: dict[Node, None] = {}
+    for node in nodes:
+        for value in node.all_input_nodes:
+            if value not in inside:
+                seen.setdefault(value, None)
+    return list(seen)
+
+
+def size_inputs(gm: GraphModule) -> list[Node]:
+    """The graph's size inputs: its SymInt placeholders (under dynamic shapes)."""
+    return [n for n in gm.graph.find_nodes(op="placeholder") if isinstance(example_value(n), torch.SymInt)]
 
 
 def example_value(node: Node):

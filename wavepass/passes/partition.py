@@ -45,7 +45,9 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
 from .find_streams import disjoint, slice_region, trace_concatenation, trace_stream
-from .fx_facts import alias_root, example_value, is_inplace, is_tensor, same_shape, written_bases
+from .fx_facts import (
+    alias_root, example_value, inputs_of, is_inplace, is_tensor, same_shape, size_inputs, written_bases,
+)
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
     _check_no_outside_writes(nodes, rest, rest_set, tail_set)
 
     results = [n for n in rest if any(user in tail_set for user in n.users)]
-    sources = sorted((n for n in _inputs_of(rest, rest_set) if is_tensor(n)), key=position.__getitem__)
+    sources = sorted((n for n in inputs_of(rest, rest_set) if is_tensor(n)), key=position.__getitem__)
     streams = tuple(_stream_of(result, sources, set(first_block), rest_set) for result in results)
     if not streams:
         raise UnsafeCut("the epilogue reads nothing the blocks computed; nothing to cache")
@@ -115,13 +117,13 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
             "epilogue reads"
         )
 
-    block_inputs = [n for n in _inputs_of(first_block, set(first_block)) if is_tensor(n)]
+    block_inputs = [n for n in inputs_of(first_block, set(first_block)) if is_tensor(n)]
     signal_input = trace_stream(signal_source, block_inputs, set(first_block))
 
     head_outputs = tuple(n for n in head if any(u in rest_set or u in tail_set for u in n.users))
     head_piece = _build_head(gm, head, head_outputs, signal_source, signal_input, first_block[0])
     rest_piece = _build_rest(gm, rest, rest_set, tuple(results), streams)
-    tail_piece = _build(gm, tail, _inputs_of(tail + [output], set(tail)), (), output_node=output)
+    tail_piece = _build(gm, tail, inputs_of(tail + [output], set(tail)), (), output_node=output)
     return CachedPartition(placeholders, head_piece, rest_piece, tail_piece, streams, signal_source, layout)
 
 
@@ -167,16 +169,6 @@ def _check_no_outside_writes(nodes: list[Node], rest: list[Node], rest_set: set[
                 f"the blocks write in place into `{root.name}`, which the model's caller or its "
                 "epilogue reads; a skipped step would leave it unwritten"
             )
-
-
-def _inputs_of(nodes, inside: set[Node]) -> list[Node]:
-    """Values read by `nodes` that are defined outside them, in first-use order."""
-    seen: dict[Node, None] = {}
-    for node in nodes:
-        for value in node.all_input_nodes:
-            if value not in inside:
-                seen.setdefault(value, None)
-    return list(seen)
 
 
 def _stream_of(result: Node, sources: list[Node], first_block: set[Node], rest: set[Node]) -> Stream:
@@ -227,7 +219,7 @@ def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None
     graph = Graph()
     env: dict[Node, Node] = {}
     placeholders: dict[Node, Node] = {}
-    inputs = list(inputs) + [s for s in _size_inputs(gm) if s not in inputs]
+    inputs = list(inputs) + [s for s in size_inputs(gm) if s not in inputs]
     for value in inputs:
         placeholder = graph.placeholder(value.name)
         placeholder.meta = dict(value.meta)
@@ -247,10 +239,6 @@ def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None
         outs = tuple(outputs)
     graph.lint()
     return Piece(GraphModule(gm, graph), tuple(inputs), outs)
-
-
-def _size_inputs(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.find_nodes(op="placeholder") if isinstance(example_value(n), torch.SymInt)]
 
 
 def _inputs_written_in_place(nodes, inputs) -> list[Node]:
@@ -300,7 +288,7 @@ def _build_head(gm, head, outputs, signal_source: Node, signal_input: Node | Non
             return (_copy(graph, output, "wavepass_signal"),)
         return (_sub(graph, output, copies["input"], "wavepass_signal"),)
 
-    return _build(gm, head, _inputs_of(head, set(head)), outputs, before=before, after=after)
+    return _build(gm, head, inputs_of(head, set(head)), outputs, before=before, after=after)
 
 
 def _build_rest(gm, rest, rest_set, outputs, streams) -> Piece:
@@ -319,4 +307,4 @@ def _build_rest(gm, rest, rest_set, outputs, streams) -> Piece:
             for s in streams
         )
 
-    return _build(gm, rest, _inputs_of(rest, rest_set), outputs, after=after)
+    return _build(gm, rest, inputs_of(rest, rest_set), outputs, after=after)

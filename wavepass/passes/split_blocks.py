@@ -46,7 +46,9 @@ from torch.fx.experimental.symbolic_shapes import free_symbols
 from torch.fx.node import map_arg
 
 from .errors import NoRepeatedBlocks, UnsafeCut
-from .fx_facts import BlockTag, block_tag, example_value, in_submodule_of_block, written_bases
+from .fx_facts import (
+    BlockTag, block_tag, example_value, in_submodule_of_block, inputs_of, size_inputs, written_bases,
+)
 
 _BODY_OPS = ("call_function", "call_method", "call_module")
 
@@ -133,26 +135,17 @@ def _check_writes_stay_inside(segments: list[Segment]) -> None:
 
 
 def _size_symbols(gm: GraphModule) -> dict[Any, Node]:
-    """The graph's size inputs (SymInt placeholders that are a bare symbol), by symbol."""
-    found = {}
-    for node in gm.graph.find_nodes(op="placeholder"):
-        value = example_value(node)
-        if isinstance(value, torch.SymInt) and value.node.expr.is_symbol:
-            found[value.node.expr] = node
-    return found
+    """The graph's size inputs that are a bare symbol, by symbol."""
+    exprs = {node: example_value(node).node.expr for node in size_inputs(gm)}
+    return {expr: node for node, expr in exprs.items() if expr.is_symbol}
 
 
 def _inputs(segment: Segment, sizes: dict[Any, Node]) -> list[Node]:
     """Values the segment reads and does not compute, in first-use order, then the size
     inputs whose symbols its values' sizes use (Inductor needs every symbol as an input)."""
-    inside = set(segment.nodes)
-    seen: dict[Node, None] = {}
-    for node in segment.nodes:
-        for value in node.all_input_nodes:
-            if value not in inside:
-                seen.setdefault(value, None)
+    seen = inputs_of(segment.nodes, set(segment.nodes))
     used = free_symbols([example_value(n) for n in (*seen, *segment.nodes)])
-    return list(seen) + [node for symbol, node in sizes.items() if symbol in used and node not in seen]
+    return seen + [node for symbol, node in sizes.items() if symbol in used and node not in seen]
 
 
 def _outputs(segment: Segment) -> list[Node]:
