@@ -69,15 +69,16 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     from torch._inductor import list_mode_options
 
     patches = {**(list_mode_options(mode) if mode else {}), **options.inductor}
-    recorded = _recorded(gm, example_inputs)
-    session = _session_of(_fake_mode_of(recorded))
+    fake_mode = _fake_mode_of(example_inputs)
     started = time.perf_counter()
-    outer = _split(gm, recorded, name) if options.split_blocks else None
-    parts = None if outer is None else _compiled_parts(outer, session, patches, _fake_mode_of(recorded), name)
+    if fake_mode is not None:
+        _propagate(gm, example_inputs, fake_mode)
+    recorded = _recorded(gm, example_inputs)
+    recorded_mode = _fake_mode_of(recorded)
+    session = _session_of(recorded_mode)
+    outer = _split(gm, recorded, name, propagated=fake_mode is not None) if options.split_blocks else None
+    parts = None if outer is None else _compiled_parts(outer, session, patches, recorded_mode, name)
     if parts is None:
-        fake_mode = _fake_mode_of(example_inputs)
-        if fake_mode is not None:
-            _propagate(gm, example_inputs, fake_mode)
         compiled, detail = _inductor(gm, example_inputs, patches, fake_mode), "whole"
         counters["wavepass"]["whole_graphs"] += 1
     else:
@@ -99,13 +100,15 @@ def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
     return _sessions.setdefault(fake_mode, CompileSession())
 
 
-def _split(gm: GraphModule, recorded: Sequence[Any], name: str) -> GraphModule | None:
-    """`gm` split into blocks and glue, or None (compile it whole) with the reason logged."""
+def _split(gm: GraphModule, recorded: Sequence[Any], name: str, propagated: bool) -> GraphModule | None:
+    """`gm` split into blocks and glue, or None (compile it whole) with the reason logged.
+    `propagated`: `gm`'s values are fresh already (its example inputs were the fake ones)."""
     fake_mode = _fake_mode_of(recorded)
     if fake_mode is None or torch.is_grad_enabled():
         return None  # no recorded values to key blocks by / training: compile it as Dynamo gave it
     try:
-        _propagate(gm, recorded, fake_mode)
+        if not propagated:
+            _propagate(gm, recorded, fake_mode)
     except Exception as exc:  # e.g. `.item()` of a symbolic float under dynamic=True
         log.info("wavespeed: compiling %s whole: its fake values cannot be propagated (%s)",
                  name, str(exc).splitlines()[0])
