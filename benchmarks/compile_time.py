@@ -1,25 +1,31 @@
 """Compile time, per-step time and recompiles: `wavespeed` vs plain Inductor vs diffusers'
-`compile_repeated_blocks()`, on a medium Flux-architecture model and on SD3's architecture.
+`compile_repeated_blocks()`, on Flux-architecture and SD3-architecture models of two depths.
 
-Every configuration compiles in its own subprocess (a fresh Dynamo):
+Each configuration of each model is measured in subprocesses of its own (a fresh Dynamo):
 
-* cold    -- a fresh, empty TORCHINDUCTOR_CACHE_DIR: time of the first call (compile + run);
-* warm    -- a new subprocess on the same cache folder: first call again, then the median
-             time per call over `--steps` calls, `--repeats` times (median of the medians);
-* session -- in the warm subprocess, a scripted session counted with Dynamo's counters:
-             3 prompts (new encoder states, same shapes), a LoRA change (weights changed in
-             place with `p.add_(B @ A)`, then parameters replaced by new same-shape
-             `nn.Parameter`s), a second and a third resolution. Compiled without `dynamic=`
-             (torch's default), so the second resolution makes Dynamo recompile once with
-             dynamic sizes, which the third reuses; every other recompile counts against us.
+* cold    -- a fresh, empty TORCHINDUCTOR_CACHE_DIR: time of the first call (compile + run),
+             and the part of it Dynamo spent tracing bytecode (the same for every config);
+* warm    -- a new subprocess on a warm cache folder: first call again, then a scripted
+             session counted with Dynamo's counters: 3 prompts (new encoder states, same
+             shapes), a LoRA change (weights changed in place with `p.add_(B @ A)`, then
+             parameters replaced by new same-shape `nn.Parameter`s), a second and a third
+             resolution. Compiled without `dynamic=` (torch's default), so the second
+             resolution makes Dynamo recompile once with dynamic sizes, which the third
+             reuses; every other recompile counts against the configuration;
+* steady  -- one subprocess per model that loads all configurations from the warm cache and
+             times them interleaved (config A, B, C, A, B, C, ...): median time per call over
+             `--steps` calls, `--repeats` times, median of the medians. Interleaving puts
+             every configuration under the same machine load, so the ratios hold to a
+             percent or two where separate runs drift by several.
 
-`wavespeed` runs with residual_diff_threshold=0 (no step is skipped: this measures compiling,
-not caching). All configurations of one model run on the same machine in one invocation,
-with one intra-op thread (on a shared 2-core machine two OpenMP threads mostly wait on each
-other: a step took 10x longer).
+The warm cache folder is the union of the configurations' cold folders (Inductor's cache
+entries are named by content hashes, so they merge without conflicts). `wavespeed` runs
+with residual_diff_threshold=0 (nothing is skipped: this measures compiling, not caching).
+One intra-op thread per process (on a shared 2-core machine two OpenMP threads mostly wait
+on each other); Inductor's compile workers are its default.
 
     python benchmarks/compile_time.py --json benchmarks/results/compile-time-cpu.json \\
-        --md benchmarks/results/compile-time-cpu.md
+        --md benchmarks/results/compile-time-cpu.md --plot benchmarks/results/compile-time-cpu.png
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,16 +43,20 @@ import time
 import torch
 
 CONFIGS = ("inductor", "repeated_blocks", "wavespeed")
+_FLUX_WIDTH = dict(attention_head_dim=16, num_attention_heads=4, axes_dims_rope=(4, 6, 6))
+_SD3_WIDTH = dict(attention_head_dim=16, num_attention_heads=4)
+# name -> (architecture, sizes). Small widths (a 2-core CPU steps them in tens of ms) at the
+# issue's medium depths and at the released models' depths (FLUX.1: 19 dual + 38 single
+# blocks; SD3.5 medium: 24 blocks).
 MODELS = {
-    # 8 dual + 16 single blocks, FLUX's layout at a width a 2-core CPU steps in ~0.1 s
-    "flux": dict(num_layers=8, num_single_layers=16, attention_head_dim=16, num_attention_heads=4,
-                 axes_dims_rope=(4, 6, 6)),
-    "sd3": dict(num_layers=12, attention_head_dim=16, num_attention_heads=4),
+    "flux-24": ("flux", dict(num_layers=8, num_single_layers=16, **_FLUX_WIDTH)),
+    "flux-57": ("flux", dict(num_layers=19, num_single_layers=38, **_FLUX_WIDTH)),
+    "sd3-12": ("sd3", dict(num_layers=12, **_SD3_WIDTH)),
+    "sd3-24": ("sd3", dict(num_layers=24, **_SD3_WIDTH)),
 }
 QUICK = {
-    "flux": dict(num_layers=3, num_single_layers=4, attention_head_dim=16, num_attention_heads=4,
-                 axes_dims_rope=(4, 6, 6)),
-    "sd3": dict(num_layers=4, attention_head_dim=16, num_attention_heads=4),
+    "flux-7": ("flux", dict(num_layers=3, num_single_layers=4, **_FLUX_WIDTH)),
+    "sd3-4": ("sd3", dict(num_layers=4, **_SD3_WIDTH)),
 }
 SIDES = (16, 24, 32)  # latent sides (in patches for FLUX): the session's three resolutions
 
@@ -109,27 +120,47 @@ def lora_change(model: torch.nn.Module, rank: int = 4) -> None:
             module.weight = torch.nn.Parameter(module.weight.detach() * 1.01)
 
 
-def child(name: str, config: str, quick: bool, steps: int, repeats: int, session: bool) -> dict:
-    """One configuration in this (fresh) process: first call, per-step time, session."""
-    from torch._dynamo.utils import counters
+def child(kind: str, model_name: str, configs: list[str], quick: bool, steps: int, repeats: int) -> dict:
+    """One measurement (`cold`, `warm` or `steady`) in this (fresh) process."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
     torch.set_num_threads(1)  # 2 OpenMP threads on a shared 2-core machine wait on each other
-    model = build(name, (QUICK if quick else MODELS)[name])
-    fn = compiled(model, config)
+    name, sizes = (QUICK if quick else MODELS)[model_name]
     call = inputs(name, SIDES[0], prompt=0)
     with torch.no_grad():
-        result = {"first_call_s": timed(lambda: fn(**call))}
-        medians = [statistics.median(timed(lambda: fn(**call)) for _ in range(steps)) for _ in range(repeats)]
-        result["ms_per_step"] = 1000 * statistics.median(medians)
-        if session:
+        if kind == "steady":
+            return steady(name, sizes, configs, call, steps, repeats)
+        (config,) = configs
+        model = build(name, sizes)
+        fn = compiled(model, config)
+        result = {"first_call_s": timed(lambda: fn(**call)),
+                  "dynamo_tracing_s": sum(compilation_time_metrics.get("bytecode_tracing", [])),
+                  "wavepass": dict(counters["wavepass"])}
+        if kind == "warm":
             before = counters["stats"]["unique_graphs"]
             try:
                 result["session_s"] = timed(lambda: run_session(name, model, fn))
             except Exception as exc:  # reported in the table, the other rows still run
                 result["session_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             result["session_new_graphs"] = counters["stats"]["unique_graphs"] - before
-    result["wavepass"] = dict(counters["wavepass"])
     return result
+
+
+def steady(name: str, sizes: dict, configs: list[str], call: dict, steps: int, repeats: int) -> dict:
+    """ms per call of each configuration, timed interleaved (see the module docstring)."""
+    fns = {}
+    for config in configs:
+        fns[config] = compiled(build(name, sizes), config)
+        fns[config](**call)
+    medians: dict[str, list[float]] = {config: [] for config in configs}
+    for _ in range(repeats):
+        times: dict[str, list[float]] = {config: [] for config in configs}
+        for _ in range(steps):
+            for config, fn in fns.items():
+                times[config].append(timed(lambda: fn(**call)))
+        for config in configs:
+            medians[config].append(statistics.median(times[config]))
+    return {config: 1000 * statistics.median(m) for config, m in medians.items()}
 
 
 def run_session(name: str, model: torch.nn.Module, fn) -> None:
@@ -141,36 +172,43 @@ def run_session(name: str, model: torch.nn.Module, fn) -> None:
         fn(**inputs(name, side, 1))
 
 
-def spawn(name: str, config: str, cache_dir: str, args, session: bool) -> dict:
-    command = [sys.executable, __file__, "--child", name, config, "--steps", str(args.steps),
-               "--repeats", str(args.repeats)] + ["--quick"] * args.quick + ["--session"] * session
+def spawn(kind: str, model_name: str, configs: list[str], cache_dir: str, args) -> dict:
+    command = [sys.executable, __file__, "--child", kind, model_name, ",".join(configs),
+               "--steps", str(args.steps), "--repeats", str(args.repeats)] + ["--quick"] * args.quick
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"{name}/{config} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{model_name}/{kind}/{configs} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def measure(args) -> dict:
+    models = QUICK if args.quick else MODELS
     results: dict = {"torch": torch.__version__, "cpus": os.cpu_count(),
                      "load_before": os.getloadavg(), "quick": args.quick,
-                     "sizes": QUICK if args.quick else MODELS, "models": {}}
-    for name in args.models:
-        rows = results["models"][name] = {}
-        for config in CONFIGS:
-            with tempfile.TemporaryDirectory(prefix=f"wavepass-{name}-{config}-") as cache_dir:
-                cold = spawn(name, config, cache_dir, args, session=False)
-                warm = spawn(name, config, cache_dir, args, session=True)
-            rows[config] = {"cold_compile_s": cold["first_call_s"], "warm_compile_s": warm["first_call_s"],
-                            "ms_per_step": warm["ms_per_step"], "cold_ms_per_step": cold["ms_per_step"],
-                            "session_new_graphs": warm["session_new_graphs"],
-                            "session_s": warm.get("session_s"), "session_error": warm.get("session_error"),
-                            "wavepass": cold["wavepass"]}
-            print(f"{name:5s} {config:16s} {json.dumps(rows[config])}", file=sys.stderr, flush=True)
+                     "sizes": models, "models": {}}
+    for model_name in args.models or list(models):
+        rows = results["models"][model_name] = {}
+        with tempfile.TemporaryDirectory(prefix=f"wavepass-{model_name}-") as work:
+            warm_dir = os.path.join(work, "warm")
+            for config in CONFIGS:
+                cold_dir = os.path.join(work, config)
+                cold = spawn("cold", model_name, [config], cold_dir, args)
+                shutil.copytree(cold_dir, warm_dir, dirs_exist_ok=True)
+                rows[config] = {"cold_compile_s": cold["first_call_s"],
+                                "dynamo_tracing_s": cold["dynamo_tracing_s"], "wavepass": cold["wavepass"]}
+                print(f"{model_name:8s} {config:16s} cold {cold['first_call_s']:.1f} s", file=sys.stderr, flush=True)
+            for config in CONFIGS:
+                warm = spawn("warm", model_name, [config], warm_dir, args)
+                rows[config].update(warm_compile_s=warm["first_call_s"], session_new_graphs=warm["session_new_graphs"],
+                                    session_s=warm.get("session_s"), session_error=warm.get("session_error"))
+            steady_ms = spawn("steady", model_name, list(CONFIGS), warm_dir, args)
         base = rows["inductor"]
-        for row in rows.values():
+        for config, row in rows.items():
+            row["ms_per_step"] = steady_ms[config]
             row["cold_vs_inductor"] = row["cold_compile_s"] / base["cold_compile_s"]
-            row["step_vs_inductor"] = row["ms_per_step"] / base["ms_per_step"]
+            row["step_vs_inductor"] = row["ms_per_step"] / steady_ms["inductor"]
+            print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
     results["load_after"] = os.getloadavg()
     return results
 
@@ -179,33 +217,62 @@ def markdown(results: dict) -> str:
     lines = [f"torch {results['torch']}, {results['cpus']} CPUs, load average before/after "
              f"{results['load_before'][0]:.1f}/{results['load_after'][0]:.1f}"
              + (" (--quick sizes)" if results["quick"] else ""), "",
-             "| model | config | cold compile (s) | vs inductor | warm compile (s) | ms/step | vs inductor "
-             "| new graphs in session | compiled block graphs / blocks |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| model | config | cold compile (s) | vs inductor | of it Dynamo (s) | warm compile (s) "
+             "| ms/step | vs inductor | new graphs in session | blocks / block graphs |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, rows in results["models"].items():
         for config, row in rows.items():
             counts = row["wavepass"]
-            blocks = f"{counts['block_graphs']} / {counts['blocks']}" if counts else "-"
+            blocks = f"{counts['blocks']} / {counts['block_graphs']}" if counts.get("blocks") else "-"
             lines.append(
                 f"| {name} | {config} | {row['cold_compile_s']:.1f} | {row['cold_vs_inductor']:.2f}x "
-                f"| {row['warm_compile_s']:.1f} | {row['ms_per_step']:.1f} | {row['step_vs_inductor']:.3f}x "
+                f"| {row['dynamo_tracing_s']:.1f} | {row['warm_compile_s']:.1f} | {row['ms_per_step']:.2f} "
+                f"| {row['step_vs_inductor']:.3f}x "
                 f"| {row['session_new_graphs']}{' (failed)' if row['session_error'] else ''} | {blocks} |")
     return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    """Cold compile time against the number of blocks, one line per architecture and config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, arch in zip(axes, ("flux", "sd3")):
+        names = [n for n in results["models"] if results["sizes"][n][0] == arch]
+        depth = {n: sum(v for k, v in results["sizes"][n][1].items() if k.startswith("num_") and k.endswith("layers"))
+                 for n in names}
+        for config in CONFIGS:
+            xs = [depth[n] for n in names]
+            ys = [results["models"][n][config]["cold_compile_s"] for n in names]
+            ax.plot(xs, ys, marker="o", label=config)
+        dynamo = [results["models"][n]["inductor"]["dynamo_tracing_s"] for n in names]
+        ax.plot([depth[n] for n in names], dynamo, linestyle=":", color="grey", label="of it: Dynamo tracing")
+        ax.set_title(f"{arch}: cold compile")
+        ax.set_xlabel("blocks")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("seconds to the first result (fresh Inductor cache)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models (development)")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", help=f"default: all of {sorted(MODELS)} ({sorted(QUICK)} with --quick)")
     parser.add_argument("--steps", type=int, default=10, help="timed calls per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--md", metavar="PATH")
-    parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
-    parser.add_argument("--session", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--plot", metavar="PATH", help="PNG of cold compile time against depth (matplotlib)")
+    parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "CONFIGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args.quick, args.steps, args.repeats, args.session)))
+        kind, model_name, configs = args.child
+        print(json.dumps(child(kind, model_name, configs.split(","), args.quick, args.steps, args.repeats)))
         return
     results = measure(args)
     table = markdown(results)
@@ -216,6 +283,8 @@ def main() -> None:
     if args.md:
         with open(args.md, "w") as f:
             f.write(table)
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Compile each distinct block once, and never recompile in ordinary use (issue #6).
 
-Blocks of one structure share one compiled body (the weights are its inputs), the stitched
-program equals the eager model, and a scripted session (new prompts, cache hits and misses,
+Blocks of one structure are calls of one subgraph, which Inductor lowers once per piece (the
+weights are its inputs); the compiled program equals the eager model, and a scripted session (new prompts, cache hits and misses,
 a LoRA change in place and by replacement, new resolutions) compiles nothing new: Dynamo's
 counters say so.
 """
@@ -20,25 +20,27 @@ import wavepass
 import wavepass.options
 from wavepass.compilers import compile_graph
 from wavepass.passes.errors import UnsafeCut
-from wavepass.passes.fx_facts import example_value
-from wavepass.passes.split_blocks import split_blocks, structural_key
+from wavepass.passes.outline_blocks import outline_blocks
 
-# (case, extra blocks, blocks, distinct block structures). Why the structures differ:
+# (case, extra blocks, blocks, distinct block structures, block graphs: structures per piece,
+# summed over the pieces). Why the structures differ:
 # FLUX: dual block 0 runs in the head and indexes the rotary embedding itself (the partition
 # hoists that indexing out of the later blocks into the head); dual blocks 1-2 match; single
 # block 0 reads the dual stack's contiguous text stream, the later ones a slice of a
-# concatenation (other strides); singles 1-2 match; the last single block's text output is
-# unused, so Dynamo's graph drops it. SD3 (no rotary embedding): blocks 0-2 match, the
-# head's included; the last block is `context_pre_only` (no text output).
+# concatenation (other strides); singles 1-3 match (each ends in two slices, which stay
+# outside the subgraph, so the last block's unused text slice makes no difference). SD3 (no rotary embedding): blocks 0-2 match, the
+# head's included (so its structure is lowered twice: once in the head, once in `rest`); the
+# last block is `context_pre_only` (no text output).
 DEEP = {
-    "flux": (models.flux, dict(num_layers=3, num_single_layers=4), 7, 5),
-    "sd3": (models.sd3, dict(num_layers=4), 4, 2),
+    "flux": (models.flux, dict(num_layers=3, num_single_layers=4), 7, 4, 4),
+    "sd3": (models.sd3, dict(num_layers=4), 4, 2, 3),
 }
+INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 
 
 def deep_case(name: str) -> models.Case:
     """The tiny case with more blocks, so that blocks of one structure repeat."""
-    make, layers, _, _ = DEEP[name]
+    make, layers, *_ = DEEP[name]
     case = make()
     torch.manual_seed(1)
     model = type(case.model).from_config({**case.model.config, **layers}).eval()
@@ -55,38 +57,52 @@ def deep(request):
     return request.param, deep_case(request.param)
 
 
-def test_split_groups_blocks_by_structure(deep, no_fallback):
-    """The pass alone (run as-is, no Inductor): one submodule per block, the program equals
-    the model, and structural keys group the blocks into the expected structures."""
+def test_outline_groups_blocks_by_structure(deep, no_fallback):
+    """The pass alone on a whole Dynamo graph (run as it is, no Inductor): one subgraph call
+    per block, fewer subgraphs than blocks, and the program equals the model."""
     name, case = deep
-    outers = []
+    outlined = []
 
-    def split_backend(gm, example_inputs):
-        outers.append(split_blocks(gm))
-        return outers[-1]
+    def outline_backend(gm, example_inputs):
+        outlined.append(outline_blocks(gm))
+        return outlined[-1]
 
-    out = call(case, torch.compile(case.model, backend=split_backend, fullgraph=True))
+    out = call(case, torch.compile(case.model, backend=outline_backend, fullgraph=True))
     torch.testing.assert_close(out, call(case, case.model))
-    (outer,) = outers
-    blocks = [n for n in outer.graph.find_nodes(op="call_module")
-              if outer.get_submodule(n.target).meta["block"] is not None]
-    keys = {structural_key(outer.get_submodule(n.target), [example_value(a) for a in n.args])
-            for n in blocks}
-    _, _, count, _ = DEEP[name]
-    assert len(blocks) == count
-    assert len(keys) < count  # some blocks share a structure
+    (graph,) = outlined
+    calls = graph.graph.find_nodes(op="call_function", target=INVOKE_SUBGRAPH)
+    kinds = {node.args[0].target for node in calls}
+    _, _, count, _, _ = DEEP[name]
+    assert len(calls) == count
+    assert len(kinds) < count  # some blocks share a structure (exact counts: next test)
 
 
-def test_identical_blocks_compile_once(deep, caplog, no_fallback):
+def test_identical_blocks_compile_once(deep, caplog, monkeypatch, no_fallback):
+    """Inductor lowers one graph per block structure and piece (counted where it makes
+    them; its FX graph cache is off here, so that every piece is lowered), not one per
+    block, and the compiled program equals the eager model."""
+    from torch._inductor.graph import GraphLowering
+
     name, case = deep
-    _, _, count, kinds = DEEP[name]
+    _, _, count, structures, block_graphs = DEEP[name]
+    lowered = []
+    make_subgraph = GraphLowering.make_subgraph
+
+    def counting(self, gm, *args, **kwargs):
+        lowered.append(gm)
+        return make_subgraph(self, gm, *args, **kwargs)
+
+    monkeypatch.setattr(GraphLowering, "make_subgraph", counting)
     caplog.set_level(logging.INFO, logger="wavepass")
     compiled = torch.compile(case.model, backend="wavespeed", options={"residual_diff_threshold": 0.0})
-    for t in (0.3, 0.7):
-        torch.testing.assert_close(call(case, compiled, t), call(case, case.model, t), atol=1e-4, rtol=1e-4)
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for t in (0.3, 0.7):
+            torch.testing.assert_close(call(case, compiled, t), call(case, case.model, t), atol=1e-4, rtol=1e-4)
     assert counters["wavepass"]["blocks"] == count
-    assert counters["wavepass"]["block_graphs"] == kinds
-    assert f"{count} block(s) in {kinds} distinct compiled block graph(s)" in caplog.text
+    assert counters["wavepass"]["block_graphs"] == block_graphs
+    assert len(lowered) == block_graphs
+    assert (f"{count} block(s) of {structures} distinct structure(s) in {block_graphs} compiled "
+            "block graph(s)") in caplog.text
 
 
 def test_session_compiles_nothing_new(deep, no_fallback):
@@ -149,9 +165,9 @@ def test_new_resolutions_reuse_one_dynamic_graph(family, sized, no_fallback):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_dynamic_graph_is_split_too(no_fallback):
+def test_dynamic_graph_is_outlined_too(no_fallback):
     """A new resolution (torch's default `dynamic=None`) recompiles once, with symbolic sizes;
-    that graph is split as well (each part receives the size symbols it uses)."""
+    that graph's blocks are subgraphs as well (each receives the size symbols it uses)."""
     case = deep_case("sd3")
     options = wavepass.options.CacheOptions()
     compiled = torch.compile(case.model, backend=lambda gm, inputs: compile_graph(gm, inputs, options))
@@ -186,20 +202,64 @@ class _InPlaceModel(torch.nn.Module):
         return x
 
 
-def test_in_place_writes_across_blocks_refuse_the_split():
+class _ViewBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.mlp(x), x[:, :4]  # the second output is a view of the block's input
+
+
+class _ViewModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_ViewBlock() for _ in range(3))
+
+    def forward(self, x):
+        views = []
+        for block in self.blocks:
+            x, view = block(x)
+            views.append(view)
+        return x, torch.cat(views, 1)
+
+
+def dynamo_graph(model: torch.nn.Module, *inputs) -> torch.fx.GraphModule:
     graphs = []
 
     def capture(gm, example_inputs):
         graphs.append(gm)
         return gm
 
-    torch.compile(_InPlaceModel(), backend=capture)(torch.randn(2, 8))
+    torch.compile(model, backend=capture)(*inputs)
+    (graph,) = graphs
+    return graph
+
+
+def test_blocks_writing_into_their_input_refuse_the_outline():
     with pytest.raises(UnsafeCut, match="writes in place"):
-        split_blocks(graphs[0])
+        outline_blocks(dynamo_graph(_InPlaceModel(), torch.randn(2, 8)))
 
 
-def test_split_blocks_option_is_validated(deep):
+def test_trailing_views_stay_outside_the_subgraphs():
+    """A block returning a view of its input (or FLUX's single block, two slices of one
+    tensor) is a subgraph returning fresh tensors, with the views after the call: Inductor
+    compiles it and the results equal the eager model. (The views leave the blocks, so the
+    model gets no cache: it is the plain-Inductor fallback that compiles the subgraphs.)"""
+    torch.manual_seed(0)
+    model, x = _ViewModel().eval(), torch.randn(2, 8)
+    outlined = outline_blocks(dynamo_graph(model, x))
+    kinds = [m for m in outlined.children() if "structure" in m.meta]
+    assert len(kinds) == 1 and len(kinds[0].graph.find_nodes(op="output")[0].args[0]) == 1
+    compiled = torch.compile(model, backend="wavespeed")
+    with torch.no_grad(), pytest.warns(UserWarning, match="without First Block Cache"):
+        for got, expected in zip(compiled(x), model(x)):
+            torch.testing.assert_close(got, expected)
+    assert counters["wavepass"]["blocks"] == 3
+
+
+def test_outline_blocks_option_is_validated(deep):
     _, case = deep
-    compiled = torch.compile(case.model, backend="wavespeed", options={"split_blocks": "yes"})
-    with pytest.raises(Exception, match="split_blocks must be True or False"):
+    compiled = torch.compile(case.model, backend="wavespeed", options={"outline_blocks": "yes"})
+    with pytest.raises(Exception, match="outline_blocks must be True or False"):
         call(case, compiled)

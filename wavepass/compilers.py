@@ -5,21 +5,20 @@ callable `f(*args) -> tuple`. `plain_fallback` is the single exit for graphs the
 handle: it says why, once per reason, and compiles the whole graph as `backend="inductor"`
 would.
 
-Compile once per block kind: `compile_graph` splits a piece into its blocks and the glue
-between them (`passes/split_blocks.py`), compiles each distinct block structure once and
-calls that body for every block of the structure with the block's own weights. Compiled
-bodies are shared by all pieces of one Dynamo graph (one `CompileSession` per fake mode, so
-the head's first block and `rest`'s blocks share one body). Glue runs shorter than
-`GLUE_MIN_OPS` ops run as they are: compiling them costs seconds of C++ compilation and
-saves microseconds per call. Counts land in `torch._dynamo.utils.counters["wavepass"]`.
+Compile once per block kind: `compile_graph` first rewrites a piece so that each block is a
+call of one shared subgraph per block structure (`passes/outline_blocks.py`), then hands the
+piece to Inductor as one graph: Inductor lowers and compiles each structure once per piece
+and emits one function per structure that every block of it calls with its own weights.
+Kernels identical across pieces (the head's first block and `rest`'s blocks) are compiled
+once through Inductor's code cache. Counts land in
+`torch._dynamo.utils.counters["wavepass"]`; a `CompileSession` per Dynamo graph (per fake
+mode) sums them for the log.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
-import operator
 import time
 import warnings
 import weakref
@@ -37,25 +36,37 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from .options import CacheOptions
 from .passes.errors import CannotCache
 from .passes.fx_facts import example_value
-from .passes.split_blocks import split_blocks, structural_key
+from .passes.outline_blocks import outline_blocks
 
 log = logging.getLogger("wavepass")
 _warned: set[str] = set()
-GLUE_MIN_OPS = 8
 
 
 @dataclass
 class CompileSession:
-    """What was compiled for one Dynamo graph: block bodies by structural key, and totals."""
+    """What was compiled for one Dynamo graph: pieces, blocks, block structures, time."""
 
-    bodies: dict[Hashable, Callable[..., Any]] = field(default_factory=dict)
+    structures: set[Hashable] = field(default_factory=set)
     pieces: int = 0
     blocks: int = 0
+    block_graphs: int = 0
     seconds: float = 0.0
 
+    def add(self, outlined: GraphModule) -> str:
+        """Count the blocks and block subgraphs of one outlined piece; describe them."""
+        calls = outlined.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
+        kinds = [m for m in outlined.children() if "structure" in getattr(m, "meta", {})]
+        self.blocks += len(calls)
+        self.block_graphs += len(kinds)
+        self.structures.update(m.meta["structure"] for m in kinds)
+        counters["wavepass"]["blocks"] += len(calls)
+        counters["wavepass"]["block_graphs"] += len(kinds)
+        return f"{len(calls)} block(s) as {len(kinds)} block graph(s)"
+
     def summary(self) -> str:
-        return (f"{self.pieces} piece(s), {self.blocks} block(s) in {len(self.bodies)} distinct "
-                f"compiled block graph(s), {self.seconds:.1f} s compiling")
+        return (f"{self.pieces} piece(s), {self.blocks} block(s) of {len(self.structures)} distinct "
+                f"structure(s) in {self.block_graphs} compiled block graph(s), "
+                f"{self.seconds:.1f} s compiling")
 
 
 _sessions: weakref.WeakKeyDictionary[FakeTensorMode, CompileSession] = weakref.WeakKeyDictionary()
@@ -74,15 +85,19 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     if fake_mode is not None:
         _propagate(gm, example_inputs, fake_mode)
     recorded = _recorded(gm, example_inputs)
-    recorded_mode = _fake_mode_of(recorded)
-    session = _session_of(recorded_mode)
-    outer = _split(gm, recorded, name, propagated=fake_mode is not None) if options.split_blocks else None
-    parts = None if outer is None else _compiled_parts(outer, session, patches, recorded_mode, name)
-    if parts is None:
+    session = _session_of(_fake_mode_of(recorded))
+    outlined = _outlined(gm, recorded, name, propagated=fake_mode is not None) if options.outline_blocks else None
+    compiled = None
+    if outlined is not None:
+        try:
+            compiled = _inductor(outlined, example_inputs, patches, fake_mode)
+            detail = session.add(outlined)
+        except Exception as exc:  # e.g. a block Inductor cannot compile as a subgraph
+            log.info("wavespeed: compiling %s whole: its blocks failed to compile as subgraphs (%s: %s)",
+                     name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    if compiled is None:
         compiled, detail = _inductor(gm, example_inputs, patches, fake_mode), "whole"
         counters["wavepass"]["whole_graphs"] += 1
-    else:
-        compiled, detail = parts
     seconds = time.perf_counter() - started
     session.pieces += 1
     session.seconds += seconds
@@ -100,9 +115,9 @@ def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
     return _sessions.setdefault(fake_mode, CompileSession())
 
 
-def _split(gm: GraphModule, recorded: Sequence[Any], name: str, propagated: bool) -> GraphModule | None:
-    """`gm` split into blocks and glue, or None (compile it whole) with the reason logged.
-    `propagated`: `gm`'s values are fresh already (its example inputs were the fake ones)."""
+def _outlined(gm: GraphModule, recorded: Sequence[Any], name: str, propagated: bool) -> GraphModule | None:
+    """`gm` with its blocks as subgraph calls, or None (compile it whole) with the reason
+    logged. `propagated`: `gm`'s values are fresh already (its example inputs were fake)."""
     fake_mode = _fake_mode_of(recorded)
     if fake_mode is None or torch.is_grad_enabled():
         return None  # no recorded values to key blocks by / training: compile it as Dynamo gave it
@@ -114,63 +129,15 @@ def _split(gm: GraphModule, recorded: Sequence[Any], name: str, propagated: bool
                  name, str(exc).splitlines()[0])
         return None
     try:
-        return split_blocks(gm)
+        return outline_blocks(gm)
     except CannotCache as exc:
         log.info("wavespeed: compiling %s whole: %s", name, exc)
         return None
 
 
-def _compiled_parts(outer: GraphModule, session: CompileSession, patches: dict[str, Any],
-                    fake_mode: FakeTensorMode, name: str) -> tuple[GraphModule, str] | None:
-    """`_compile_parts`, or None (compile the piece whole) where Inductor refuses a part on
-    its own, e.g. a part that reads a tensor's value (`.item()`) Dynamo made symbolic."""
-    compile_one = functools.partial(_inductor, patches=patches, fake_mode=fake_mode)
-    try:
-        return _compile_parts(outer, session, compile_one)
-    except Exception as exc:
-        log.info("wavespeed: compiling %s whole: a part failed to compile on its own (%s: %s)",
-                 name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return None
-
-
-def _compile_parts(outer: GraphModule, session: CompileSession,
-                   compile_one: Callable[..., Callable[..., Any]]) -> tuple[GraphModule, str]:
-    """Bind every submodule call of `outer` to a compiled body (or the glue as it is)."""
-    blocks = new = glue = 0
-    for node in outer.graph.find_nodes(op="call_module"):
-        sub = outer.get_submodule(node.target)
-        inputs = [arg.meta["val"] for arg in node.args]
-        if sub.meta["block"] is None:
-            compiled = _worth_compiling(sub)
-            body = compile_one(sub, inputs) if compiled else sub.forward
-            glue += compiled
-        else:
-            key = structural_key(sub, inputs)
-            if key not in session.bodies:
-                session.bodies[key] = compile_one(sub, inputs)
-                new += 1
-            body = session.bodies[key]
-            blocks += 1
-        # The outer graph's code calls `self.<target>(...)`: a plain attribute in place of
-        # the submodule makes that a direct call of the compiled body.
-        delattr(outer, node.target)
-        setattr(outer, node.target, body)
-    session.blocks += blocks
-    counters["wavepass"]["blocks"] += blocks
-    counters["wavepass"]["block_graphs"] += new
-    counters["wavepass"]["glue_graphs"] += glue
-    return outer, f"{blocks} block(s), {new} new block graph(s), {glue} compiled glue graph(s)"
-
-
-def _worth_compiling(glue: GraphModule) -> bool:
-    ops = [n for n in glue.graph.nodes
-           if n.op.startswith("call_") and n.target is not operator.getitem]
-    return len(ops) >= GLUE_MIN_OPS
-
-
 def _propagate(gm: GraphModule, example_inputs: Sequence[Any], fake_mode: FakeTensorMode) -> None:
-    """Fresh `meta["val"]` for every node of `gm`, from `example_inputs` (a split graph's parts
-    copy theirs from it)."""
+    """Fresh `meta["val"]` for every node of `gm`, from `example_inputs` (the outlined graph
+    and its subgraphs copy theirs from it)."""
     FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
 
 

@@ -22,8 +22,8 @@ class CacheOptions:
     compiler: "inductor" compiles every piece with Inductor; "eager" runs the same cached
         program without compiling (debugging, fast tests).
     inductor: Inductor config patches (e.g. {"max_autotune": True}), applied to every piece.
-    split_blocks: compile each distinct block structure once and reuse it for every block of
-        that structure (False: compile each piece whole, as one Inductor graph).
+    outline_blocks: compile each distinct block structure once per piece and call it for
+        every block of that structure (False: Inductor inlines every block).
     """
 
     residual_diff_threshold: float = 0.12
@@ -31,7 +31,7 @@ class CacheOptions:
     warmup_steps: int = 0
     compiler: str = "inductor"
     inductor: dict[str, Any] = field(default_factory=dict)
-    split_blocks: bool = True
+    outline_blocks: bool = True
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> CacheOptions:
@@ -59,8 +59,8 @@ class CacheOptions:
             raise ValueError(f"wavespeed: compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.inductor, dict):
             raise ValueError(f"wavespeed: inductor must be a dict of Inductor config patches, got {self.inductor!r}")
-        if not isinstance(self.split_blocks, bool):
-            raise ValueError(f"wavespeed: split_blocks must be True or False, got {self.split_blocks!r}")
+        if not isinstance(self.outline_blocks, bool):
+            raise ValueError(f"wavespeed: outline_blocks must be True or False, got {self.outline_blocks!r}")
 
     @property
     def may_skip(self) -> bool:

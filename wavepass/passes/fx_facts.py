@@ -149,12 +149,17 @@ _VIEW_METHODS = frozenset(
 )
 
 
+def is_view(node: Node) -> bool:
+    """Whether `node` is a view-like op (or a `getitem`): its result may share its first
+    argument's storage."""
+    if node.op not in ("call_method", "call_function") or not node.args or not isinstance(node.args[0], Node):
+        return False
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.target is operator.getitem or name in _VIEW_METHODS
+
+
 def alias_root(node: Node) -> Node:
     """Follow view-like ops (and `getitem`) back to the tensor whose storage `node` may share."""
-    while node.op in ("call_method", "call_function") and node.args and isinstance(node.args[0], Node):
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-        if node.target is operator.getitem or name in _VIEW_METHODS:
-            node = node.args[0]
-        else:
-            break
+    while is_view(node):
+        node = node.args[0]
     return node

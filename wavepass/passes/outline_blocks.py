@@ -1,0 +1,258 @@
+"""Replace every block by a call of one shared subgraph per block structure.
+
+Inductor then lowers and compiles each distinct block structure once per graph and calls
+that code for every block of the structure with the block's own weights; the glue between
+blocks stays inline, so the piece is still one Inductor graph (one call per step, no Python
+between blocks). The calls are `torch.ops.higher_order.invoke_subgraph`, the operator
+`torch.compiler.nested_compile_region` produces, so AOTAutograd traces each structure once
+(its cache is keyed by the identifier) and Inductor emits it once as a function.
+
+    before (one piece, e.g. `rest`)               after
+    -------------------------------------------   ----------------------------------------------
+    img, txt, temb, w1a, w1b, w2a, w2b ...        img, txt, temb, w1a, w1b, w2a, w2b ...
+    transformer_blocks.1: linear(img, w1a) ...    block_kind_0 = get_attr[block_kind_0]
+                          ... -> img1, txt1       b1 = invoke_subgraph(block_kind_0, "block_kind_0",
+    transformer_blocks.2: linear(img1, w2a) ...                        img, txt, temb, w1a, w1b)
+                          ... -> img2, txt2       img1, txt1 = b1[0], b1[1]
+    sub(img2, img)  (glue: the residual)          b2 = invoke_subgraph(block_kind_0, "block_kind_0",
+    output(img2, residual)                                         img1, txt1, temb, w2a, w2b)
+                                                  img2, txt2 = b2[0], b2[1]
+                                                  sub(img2, img)
+                                                  output(img2, residual)
+
+A *block* is the set of nodes one composite indexed module call ran (`fx_facts.block_tag`:
+an item of a `ModuleList`/`Sequential` that computes in submodules of its own), together
+with the untagged nodes inside its range; *glue* is each maximal run of nodes between
+blocks. A fragment of a block that only indexes (the `getitem`s of a block that
+`partition` hoists into the head) is glue.
+
+A block subgraph takes its inputs in first-use order, so identical blocks take identical
+argument lists, followed by the graph's size inputs (SymInt placeholders) whose symbols its
+values use: every symbol of a subgraph must arrive as an operand. `structural_key` says when
+two blocks are the same program (same ops on inputs of the same shapes, strides, dtypes and
+devices; only the weights, which are inputs, differ).
+
+A subgraph's outputs must be fresh tensors that start their storage: a block output that
+is a view of the block's input, that shares memory with another of its outputs, or that is
+a view at a storage offset (FLUX's single block returns two slices of one tensor) is
+returned as a copy. The rewrite is refused (`UnsafeCut`) where a
+subgraph call could differ from the inline code: blocks whose nodes interleave, or a block
+that writes in place into a value it did not compute (a block doing `img += ...` on its
+input, as ComfyUI's do). It raises `NoRepeatedBlocks` when the graph holds no block. The
+input graph is not changed.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import free_symbols, statically_known_true
+from torch.fx.node import map_arg
+from torch.multiprocessing.reductions import StorageWeakRef
+
+from .errors import NoRepeatedBlocks, UnsafeCut
+from .fx_facts import (
+    BlockTag, block_tag, example_value, in_submodule_of_block, inputs_of, is_tensor, is_view,
+    size_inputs, written_bases,
+)
+
+_BODY_OPS = ("call_function", "call_method", "call_module")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A block's nodes or a run of glue nodes, in graph order; `tag` is None for glue."""
+
+    name: str
+    tag: BlockTag | None
+    nodes: tuple[Node, ...]
+
+
+def outline_blocks(gm: GraphModule) -> GraphModule:
+    """`gm` with each block a call of its structure's subgraph (attribute `block_kind_<k>`,
+    whose `meta["structure"]` is its `structural_key`); glue nodes are copied as they are."""
+    segments = segments_of(gm)
+    blocks = [s for s in segments if s.tag is not None]
+    if not blocks:
+        raise NoRepeatedBlocks("no composite indexed block in the graph")
+    for block in blocks:
+        _check_writes_stay_inside(block)
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    root: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            env[node] = graph.node_copy(node)
+            if node.op == "get_attr":
+                root[node.target] = functools.reduce(getattr, node.target.split("."), gm)
+    sizes = _size_symbols(gm)
+    kinds: dict[Hashable, str] = {}
+    for segment in segments:
+        if segment.tag is None:
+            for node in segment.nodes:
+                env[node] = graph.node_copy(node, env.__getitem__)
+            continue
+        segment, views = _peeled(segment)
+        inputs, outputs = _inputs(segment, sizes), _outputs(segment)
+        _check_fresh(segment, inputs, outputs)
+        sub = _submodule(gm, segment, inputs, outputs)
+        key = structural_key(sub, [example_value(v) for v in inputs])
+        if key not in kinds:
+            kinds[key] = f"block_kind_{len(kinds)}"
+            root[kinds[key]] = sub
+            sub.meta["structure"] = key
+        _call(graph, kinds[key], inputs, outputs, env)
+        for node in views:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    graph.node_copy(gm.graph.find_nodes(op="output")[0], env.__getitem__)
+    graph.lint()
+    return GraphModule(root, graph)
+
+
+def segments_of(gm: GraphModule) -> list[Segment]:
+    """Blocks (by their node range) and the runs of glue between them, in graph order."""
+    body = [n for n in gm.graph.nodes if n.op in _BODY_OPS]
+    ranges = _block_ranges(body)
+    segments: list[Segment] = []
+    position = 0
+    for tag, (first, last) in ranges:
+        glue = body[position:first]
+        if glue:
+            segments.append(Segment(f"glue_{len(segments)}", None, tuple(glue)))
+        name = f"{tag.stack}_{tag.index}".replace(".", "_")
+        segments.append(Segment(name, tag, tuple(body[first : last + 1])))
+        position = last + 1
+    if body[position:]:
+        segments.append(Segment(f"glue_{len(segments)}", None, tuple(body[position:])))
+    return segments
+
+
+def _block_ranges(body: list[Node]) -> list[tuple[BlockTag, tuple[int, int]]]:
+    """(tag, (first, last) position in `body`) of every composite block, in graph order."""
+    ranges: dict[BlockTag, list[int]] = {}
+    composite: set[BlockTag] = set()
+    for position, node in enumerate(body):
+        tag = block_tag(node)
+        if tag is None:
+            continue
+        ranges.setdefault(tag, [position, position])[1] = position
+        if in_submodule_of_block(node) and node.target is not operator.getitem:
+            composite.add(tag)
+    ordered = sorted(((tag, tuple(r)) for tag, r in ranges.items() if tag in composite),
+                     key=lambda item: item[1][0])
+    for (before, (_, end)), (after, (start, _)) in zip(ordered, ordered[1:]):
+        if start <= end:
+            raise UnsafeCut(f"the nodes of blocks {before.stack}.{before.index} and "
+                            f"{after.stack}.{after.index} interleave")
+    return ordered
+
+
+def _check_writes_stay_inside(block: Segment) -> None:
+    outside = written_bases(block.nodes) - set(block.nodes)
+    if outside:
+        raise UnsafeCut(
+            f"`{block.name}` writes in place into `{next(iter(outside)).name}`, which it did not "
+            "compute; as a subgraph call, that write could not be proven exact"
+        )
+
+
+def _peeled(block: Segment) -> tuple[Segment, tuple[Node, ...]]:
+    """The block without its trailing views, and those views (in graph order): view-like
+    ops and `getitem`s whose users all lie outside the block or are trailing views too."""
+    inside = set(block.nodes)
+    peeled: set[Node] = set()
+    for node in reversed(block.nodes):
+        if is_view(node) and all(user not in inside or user in peeled for user in node.users):
+            peeled.add(node)
+    for node in block.nodes:  # a subgraph returns tensors: a `split`'s tuple stays inside
+        if node in peeled and any(v in inside and v not in peeled and not is_tensor(v) for v in node.all_input_nodes):
+            peeled.discard(node)
+    kept = tuple(n for n in block.nodes if n not in peeled)
+    return Segment(block.name, block.tag, kept), tuple(n for n in block.nodes if n in peeled)
+
+
+def _check_fresh(block: Segment, inputs: list[Node], outputs: list[Node]) -> None:
+    """A subgraph's outputs must be fresh tensors that start their storage: Inductor 2.13
+    lays a subgraph output out at the storage offset it had inside the subgraph, and then
+    indexes the returned view, which already starts there, at that offset again."""
+    seen: dict[StorageWeakRef, Node] = {}
+    for node in (*inputs, *outputs):
+        value = example_value(node)
+        if not isinstance(value, torch.Tensor):
+            continue
+        storage = StorageWeakRef(value.untyped_storage())
+        if node in outputs and (storage in seen or not statically_known_true(value.storage_offset() == 0)):
+            raise UnsafeCut(f"`{block.name}` returns `{node.name}`, which is no fresh tensor (it shares "
+                            f"memory with {seen[storage].name if storage in seen else 'another tensor'})")
+        seen.setdefault(storage, node)
+
+
+def _size_symbols(gm: GraphModule) -> dict[Any, Node]:
+    """The graph's size inputs that are a bare symbol, by symbol."""
+    exprs = {node: example_value(node).node.expr for node in size_inputs(gm)}
+    return {expr: node for node, expr in exprs.items() if expr.is_symbol}
+
+
+def _inputs(segment: Segment, sizes: dict[Any, Node]) -> list[Node]:
+    """Values the segment reads and does not compute, in first-use order, then the size
+    inputs whose symbols its values' sizes use (Inductor needs every symbol as an input)."""
+    seen = inputs_of(segment.nodes, set(segment.nodes))
+    used = free_symbols([example_value(n) for n in (*seen, *segment.nodes)])
+    return seen + [node for symbol, node in sizes.items() if symbol in used and node not in seen]
+
+
+def _outputs(segment: Segment) -> list[Node]:
+    inside = set(segment.nodes)
+    return [n for n in segment.nodes if any(user not in inside for user in n.users)]
+
+
+def _submodule(gm: GraphModule, segment: Segment, inputs: list[Node], outputs: list[Node]) -> GraphModule:
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    for value in inputs:
+        env[value] = graph.placeholder(value.name)
+        env[value].meta = dict(value.meta)
+    for node in segment.nodes:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(tuple(env[n] for n in outputs))
+    graph.lint()
+    return GraphModule(gm, graph)
+
+
+def _call(graph: Graph, kind: str, inputs: list[Node], outputs: list[Node], env: dict[Node, Node]) -> None:
+    """Call subgraph `kind` on the block's inputs; bind each output to a `getitem` of the call."""
+    subgraph = graph.get_attr(kind)
+    call = graph.call_function(torch.ops.higher_order.invoke_subgraph,
+                               (subgraph, kind, *(env[v] for v in inputs)))
+    call.meta["val"] = tuple(example_value(v) for v in outputs)
+    for index, value in enumerate(outputs):
+        env[value] = graph.call_function(operator.getitem, (call, index))
+        env[value].meta = dict(value.meta)
+
+
+def structural_key(gm: GraphModule, example_inputs: Sequence[Any]) -> Hashable:
+    """Equal keys: the same program on inputs of the same layout, so one subgraph serves
+    both. Ops, targets and constant arguments are compared with node references numbered
+    by position (placeholder names, which name the weights, are left out); inputs by sizes,
+    strides and storage offset (symbolic ones by expression), dtype, device and
+    `requires_grad`."""
+    number = {node: f"%{i}" for i, node in enumerate(gm.graph.nodes)}
+    ops = tuple(
+        (node.op, "" if node.op == "placeholder" else repr(node.target),
+         repr(map_arg((node.args, node.kwargs), number.__getitem__)))
+        for node in gm.graph.nodes
+    )
+    return ops, tuple(_layout(x) for x in example_inputs)
+
+
+def _layout(value: Any) -> Hashable:
+    if isinstance(value, torch.Tensor):
+        return (tuple(map(str, value.shape)), tuple(map(str, value.stride())),
+                str(value.storage_offset()), value.dtype, value.device, value.requires_grad)
+    return type(value).__name__, str(value)
