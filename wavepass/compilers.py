@@ -44,7 +44,7 @@ _warned: set[str] = set()
 
 @dataclass
 class CompileSession:
-    """What was compiled for one Dynamo graph: pieces, blocks, block structures, time."""
+    """What was compiled for one Dynamo graph: pieces, outlined blocks, block graphs, time."""
 
     structures: set[Hashable] = field(default_factory=set)
     pieces: int = 0
@@ -53,7 +53,7 @@ class CompileSession:
     seconds: float = 0.0
 
     def add(self, outlined: GraphModule) -> str:
-        """Count the blocks and block subgraphs of one outlined piece; describe them."""
+        """Count the block calls and block subgraphs of one outlined piece; describe them."""
         calls = outlined.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
         kinds = [m for m in outlined.children() if "structure" in getattr(m, "meta", {})]
         self.blocks += len(calls)
@@ -61,11 +61,11 @@ class CompileSession:
         self.structures.update(m.meta["structure"] for m in kinds)
         counters["wavepass"]["blocks"] += len(calls)
         counters["wavepass"]["block_graphs"] += len(kinds)
-        return f"{len(calls)} block(s) as {len(kinds)} block graph(s)"
+        return f"{len(calls)} block(s) as calls of {len(kinds)} block graph(s)"
 
     def summary(self) -> str:
-        return (f"{self.pieces} piece(s), {self.blocks} block(s) of {len(self.structures)} distinct "
-                f"structure(s) in {self.block_graphs} compiled block graph(s), "
+        return (f"{self.pieces} piece(s), {self.blocks} block(s) as calls of {self.block_graphs} "
+                f"compiled block graph(s) ({len(self.structures)} distinct structure(s)), "
                 f"{self.seconds:.1f} s compiling")
 
 

@@ -21,6 +21,7 @@ Counting for `stats()` (calls, hits, recent decisions) is per program and cleare
 from __future__ import annotations
 
 import itertools
+import operator
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -137,6 +138,8 @@ class CachedProgram:
         self._head, self._rest, self._tail = head, rest, tail
         self.blocks = blocks
         self._wiring = wiring
+        self._head_args, self._rest_args, self._tail_args = map(_picker, (wiring.head_in, wiring.rest_in, wiring.tail_in))
+        self._parameters_of, self._activations_of = map(_picker, (wiring.parameters, wiring.activations))
         self._options = options
         self.description = description
         self._states: dict[str, _State] = {}
@@ -153,10 +156,10 @@ class CachedProgram:
         if signature != state.signature:
             state.clear()
             state.signature = signature
-            self._owner = tuple(weakref.ref(args[i]) for i in w.parameters)
+            self._owner = tuple(map(weakref.ref, self._parameters_of(args)))
         values = list(args) + [None] * (w.num_slots - len(args))
         try:
-            outputs = self._head(*[values[i] for i in w.head_in])
+            outputs = self._head(*self._head_args(values))
             for slot, value in zip(w.head_out, outputs):
                 values[slot] = value
             skip = self._decide(state, outputs[-1])
@@ -165,14 +168,14 @@ class CachedProgram:
                     source = values[sources[0]] if dim is None else torch.cat([values[i] for i in sources], dim)
                     values[result] = _add_strided(source, residual, stride)
             else:
-                outputs_rest = self._rest(*[values[i] for i in w.rest_in])
+                outputs_rest = self._rest(*self._rest_args(values))
                 for slot, value in zip(w.rest_out, outputs_rest):
                     values[slot] = value
                 if self._options.may_skip:
                     state.signal = outputs[-1]
                     state.residuals = tuple(outputs_rest[len(w.rest_out):])
                     state.strides = tuple(values[result].stride() for *_, result in w.streams)
-            result = self._tail(*[values[i] for i in w.tail_in])
+            result = self._tail(*self._tail_args(values))
         except BaseException:
             state.clear()
             raise
@@ -210,14 +213,12 @@ class CachedProgram:
         return skip
 
     def _signature(self, args: Sequence[Any]) -> tuple:
-        w = self._wiring
         activations = tuple(
             (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
-            for a in (args[i] for i in w.activations)
+            for a in self._activations_of(args)
         )
-        weights = tuple((id(p), None if p.is_inference() else p._version)
-                        for p in (args[i] for i in w.parameters))
-        return activations, weights
+        parameters = self._parameters_of(args)
+        return activations, tuple(map(id, parameters)), _versions(parameters)
 
     def reset(self) -> None:
         self._states.clear()
@@ -233,6 +234,25 @@ class CachedProgram:
 
     def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
         return self._calls, self._hits, list(self._decisions)
+
+
+def _picker(slots: tuple[int, ...]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """`values -> tuple(values[i] for i in slots)`, at C speed (called several times a step
+    with hundreds of slots: every weight is an argument)."""
+    if len(slots) == 1:
+        return lambda values: (values[slots[0]],)
+    return operator.itemgetter(*slots) if slots else (lambda values: ())
+
+
+def _versions(parameters: Sequence[torch.Tensor]) -> tuple[int | None, ...]:
+    """Each parameter's version counter (None for an inference tensor, which has none)."""
+    try:
+        return tuple(map(_version_of, parameters))
+    except RuntimeError:  # an inference tensor among them
+        return tuple(None if p.is_inference() else p._version for p in parameters)
+
+
+_version_of = operator.attrgetter("_version")
 
 
 def _add_strided(source: torch.Tensor, residual: torch.Tensor, stride: tuple[int, ...]) -> torch.Tensor:

@@ -1,11 +1,13 @@
-"""Replace every block by a call of one shared subgraph per block structure.
+"""Replace every block of a repeated structure by a call of that structure's one subgraph.
 
-Inductor then lowers and compiles each distinct block structure once per graph and calls
+Inductor then lowers and compiles each repeated block structure once per graph and calls
 that code for every block of the structure with the block's own weights; the glue between
 blocks stays inline, so the piece is still one Inductor graph (one call per step, no Python
-between blocks). The calls are `torch.ops.higher_order.invoke_subgraph`, the operator
-`torch.compiler.nested_compile_region` produces, so AOTAutograd traces each structure once
-(its cache is keyed by the identifier) and Inductor emits it once as a function.
+between blocks but the subgraph calls). The calls are `torch.ops.higher_order.invoke_subgraph`,
+the operator `torch.compiler.nested_compile_region` produces, so AOTAutograd traces each
+structure once (its cache is keyed by the identifier) and Inductor emits it once as a
+function. A block whose structure occurs once in the graph stays inline: a subgraph would
+only add a call and block fusion with its neighbours.
 
     before (one piece, e.g. `rest`)               after
     -------------------------------------------   ----------------------------------------------
@@ -32,20 +34,21 @@ values use: every symbol of a subgraph must arrive as an operand. `structural_ke
 two blocks are the same program (same ops on inputs of the same shapes, strides, dtypes and
 devices; only the weights, which are inputs, differ).
 
-A subgraph's outputs must be fresh tensors that start their storage: a block output that
-is a view of the block's input, that shares memory with another of its outputs, or that is
-a view at a storage offset (FLUX's single block returns two slices of one tensor) is
-returned as a copy. The rewrite is refused (`UnsafeCut`) where a
-subgraph call could differ from the inline code: blocks whose nodes interleave, or a block
-that writes in place into a value it did not compute (a block doing `img += ...` on its
-input, as ComfyUI's do). It raises `NoRepeatedBlocks` when the graph holds no block. The
-input graph is not changed.
+A subgraph's outputs must be fresh tensors that start their storage (see `_check_fresh`),
+so a block's trailing views stay in the outer graph: FLUX's single block ends in two slices
+of one tensor, `out[:, :txt_len]` and `out[:, txt_len:]`; its subgraph returns `out` and the
+slices follow the call. The rewrite is refused (`UnsafeCut`) where a subgraph call could
+differ from the inline code: blocks whose nodes interleave, a block that writes in place
+into a value it did not compute (a block doing `img += ...` on its input, as ComfyUI's do),
+or a block output that is still no fresh tensor. It raises `NoRepeatedBlocks` when no block
+structure occurs twice. The input graph is not changed.
 """
 
 from __future__ import annotations
 
 import functools
 import operator
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,15 +77,32 @@ class Segment:
     nodes: tuple[Node, ...]
 
 
+@dataclass(frozen=True)
+class _Block:
+    """A block as a subgraph: its nodes less the trailing `views`, and the call's operands."""
+
+    segment: Segment
+    views: tuple[Node, ...]
+    inputs: list[Node]
+    outputs: list[Node]
+    subgraph: GraphModule
+    key: Hashable
+
+
 def outline_blocks(gm: GraphModule) -> GraphModule:
-    """`gm` with each block a call of its structure's subgraph (attribute `block_kind_<k>`,
-    whose `meta["structure"]` is its `structural_key`); glue nodes are copied as they are."""
+    """`gm` with each block whose structure repeats a call of that structure's subgraph
+    (attribute `block_kind_<k>`, whose `meta["structure"]` is its `structural_key`); blocks
+    of a structure that occurs once, and glue, are copied as they are."""
+    sizes = _size_symbols(gm)
     segments = segments_of(gm)
-    blocks = [s for s in segments if s.tag is not None]
-    if not blocks:
-        raise NoRepeatedBlocks("no composite indexed block in the graph")
-    for block in blocks:
-        _check_writes_stay_inside(block)
+    blocks = {s: _block(gm, s, sizes) for s in segments if s.tag is not None}
+    occurrences = Counter(block.key for block in blocks.values())
+    repeated = {s: block for s, block in blocks.items() if occurrences[block.key] > 1}
+    if not repeated:
+        raise NoRepeatedBlocks(f"no block structure occurs twice among the graph's {len(blocks)} block(s)")
+    for block in repeated.values():
+        _check_writes_stay_inside(block.segment)
+        _check_fresh(block)
     graph = Graph()
     env: dict[Node, Node] = {}
     root: dict[str, Any] = {}
@@ -91,28 +111,28 @@ def outline_blocks(gm: GraphModule) -> GraphModule:
             env[node] = graph.node_copy(node)
             if node.op == "get_attr":
                 root[node.target] = functools.reduce(getattr, node.target.split("."), gm)
-    sizes = _size_symbols(gm)
     kinds: dict[Hashable, str] = {}
     for segment in segments:
-        if segment.tag is None:
+        block = repeated.get(segment)
+        if block is None:
             for node in segment.nodes:
                 env[node] = graph.node_copy(node, env.__getitem__)
             continue
-        segment, views = _peeled(segment)
-        inputs, outputs = _inputs(segment, sizes), _outputs(segment)
-        _check_fresh(segment, inputs, outputs)
-        sub = _submodule(gm, segment, inputs, outputs)
-        key = structural_key(sub, [example_value(v) for v in inputs])
-        if key not in kinds:
-            kinds[key] = f"block_kind_{len(kinds)}"
-            root[kinds[key]] = sub
-            sub.meta["structure"] = key
-        _call(graph, kinds[key], inputs, outputs, env)
-        for node in views:
-            env[node] = graph.node_copy(node, env.__getitem__)
+        if block.key not in kinds:
+            kinds[block.key] = f"block_kind_{len(kinds)}"
+            root[kinds[block.key]] = block.subgraph
+            block.subgraph.meta["structure"] = block.key
+        _call(graph, kinds[block.key], block, env)
     graph.node_copy(gm.graph.find_nodes(op="output")[0], env.__getitem__)
     graph.lint()
     return GraphModule(root, graph)
+
+
+def _block(gm: GraphModule, segment: Segment, sizes: dict[Any, Node]) -> _Block:
+    kept, views = _peeled(segment)
+    inputs, outputs = _inputs(kept, sizes), _outputs(kept)
+    subgraph = _submodule(gm, kept, inputs, outputs)
+    return _Block(kept, views, inputs, outputs, subgraph, structural_key(subgraph, [example_value(v) for v in inputs]))
 
 
 def segments_of(gm: GraphModule) -> list[Segment]:
@@ -177,19 +197,19 @@ def _peeled(block: Segment) -> tuple[Segment, tuple[Node, ...]]:
     return Segment(block.name, block.tag, kept), tuple(n for n in block.nodes if n in peeled)
 
 
-def _check_fresh(block: Segment, inputs: list[Node], outputs: list[Node]) -> None:
+def _check_fresh(block: _Block) -> None:
     """A subgraph's outputs must be fresh tensors that start their storage: Inductor 2.13
     lays a subgraph output out at the storage offset it had inside the subgraph, and then
     indexes the returned view, which already starts there, at that offset again."""
     seen: dict[StorageWeakRef, Node] = {}
-    for node in (*inputs, *outputs):
+    for node in (*block.inputs, *block.outputs):
         value = example_value(node)
         if not isinstance(value, torch.Tensor):
             continue
         storage = StorageWeakRef(value.untyped_storage())
-        if node in outputs and (storage in seen or not statically_known_true(value.storage_offset() == 0)):
-            raise UnsafeCut(f"`{block.name}` returns `{node.name}`, which is no fresh tensor (it shares "
-                            f"memory with {seen[storage].name if storage in seen else 'another tensor'})")
+        if node in block.outputs and (storage in seen or not statically_known_true(value.storage_offset() == 0)):
+            raise UnsafeCut(f"`{block.segment.name}` returns `{node.name}`, which is no fresh tensor (it "
+                            f"shares memory with {seen[storage].name if storage in seen else 'another tensor'})")
         seen.setdefault(storage, node)
 
 
@@ -225,15 +245,18 @@ def _submodule(gm: GraphModule, segment: Segment, inputs: list[Node], outputs: l
     return GraphModule(gm, graph)
 
 
-def _call(graph: Graph, kind: str, inputs: list[Node], outputs: list[Node], env: dict[Node, Node]) -> None:
-    """Call subgraph `kind` on the block's inputs; bind each output to a `getitem` of the call."""
+def _call(graph: Graph, kind: str, block: _Block, env: dict[Node, Node]) -> None:
+    """Call subgraph `kind` on the block's inputs, bind each output to a `getitem` of the
+    call, then copy the block's trailing views."""
     subgraph = graph.get_attr(kind)
     call = graph.call_function(torch.ops.higher_order.invoke_subgraph,
-                               (subgraph, kind, *(env[v] for v in inputs)))
-    call.meta["val"] = tuple(example_value(v) for v in outputs)
-    for index, value in enumerate(outputs):
+                               (subgraph, kind, *(env[v] for v in block.inputs)))
+    call.meta["val"] = tuple(example_value(v) for v in block.outputs)
+    for index, value in enumerate(block.outputs):
         env[value] = graph.call_function(operator.getitem, (call, index))
         env[value].meta = dict(value.meta)
+    for node in block.views:
+        env[node] = graph.node_copy(node, env.__getitem__)
 
 
 def structural_key(gm: GraphModule, example_inputs: Sequence[Any]) -> Hashable:
