@@ -267,3 +267,27 @@ def test_outline_blocks_option_is_validated(deep):
     compiled = torch.compile(case.model, backend="wavespeed", options={"outline_blocks": "yes"})
     with pytest.raises(Exception, match="outline_blocks must be True or False"):
         call(case, compiled)
+
+
+def test_values_between_pieces_are_checked(deep, no_fallback):
+    """Pieces run without Inductor's per-input size asserts; a value passed between pieces
+    with other strides than its piece was compiled for is an error, never a wrong result."""
+    _, case = deep
+    model = copy.deepcopy(case.model)
+    compiled = torch.compile(model, backend="wavespeed", options={"residual_diff_threshold": 0.0})
+    with torch.no_grad():
+        call(case, compiled)
+        (program,) = wavepass.runtime.programs_of(model)
+        checked = {slot for slot, sizes, _ in program._wiring.layouts if len(sizes) >= 2 and min(sizes[-2:]) > 1}
+        index = next(i for i, slot in enumerate(program._wiring.head_out) if slot in checked)
+        head = program._head
+
+        def restrided_head(*args):
+            outputs = list(head(*args))
+            x = outputs[index]
+            outputs[index] = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values
+            return tuple(outputs)
+
+        program._head = restrided_head
+        with pytest.raises(RuntimeError, match="passed between compiled pieces"):
+            call(case, compiled)

@@ -79,4 +79,20 @@ def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:
     )
     parameters = tuple(i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter))
     activations = tuple(i for i in range(len(example_inputs)) if i not in set(parameters))
-    return Wiring(num_slots=len(slots), parameters=parameters, activations=activations, **wiring)
+    return Wiring(num_slots=len(slots), parameters=parameters, activations=activations,
+                  layouts=_layouts(part, slots), **wiring)
+
+
+def _layouts(part: CachedPartition, slots: dict[Node, int]) -> tuple[tuple[int, tuple, tuple], ...]:
+    """(slot, sizes, strides) that rest and tail were compiled for, of each value passed
+    between pieces (graph inputs are Dynamo's to guard) whose sizes and strides are static."""
+    inputs = set(part.placeholders)
+    layouts = {}
+    for node in (*part.rest.inputs, *part.tail.inputs):
+        value = example_value(node)
+        if node in inputs or not isinstance(value, torch.Tensor):
+            continue
+        sizes, strides = tuple(value.shape), tuple(value.stride())
+        if all(isinstance(x, int) for x in (*sizes, *strides)):
+            layouts[slots[node]] = (sizes, strides)
+    return tuple((slot, sizes, strides) for slot, (sizes, strides) in layouts.items())

@@ -40,6 +40,12 @@ from .passes.outline_blocks import outline_blocks
 
 log = logging.getLogger("wavepass")
 _warned: set[str] = set()
+# Inductor checks every input's sizes and strides on every call, also inside every block
+# subgraph: thousands of checks a step for a model whose weights are inputs, ~3% of a step of
+# the 57-block benchmark model. Dynamo's guards cover the graph's inputs and the runtime
+# checks the values passed between pieces (`runtime._check_layouts`), so pieces skip them;
+# options={"inductor": {"size_asserts": True}} turns them back on.
+PIECE_PATCHES = {"size_asserts": False}
 
 
 @dataclass
@@ -79,7 +85,7 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
         return gm
     from torch._inductor import list_mode_options
 
-    patches = {**(list_mode_options(mode) if mode else {}), **options.inductor}
+    patches = {**PIECE_PATCHES, **(list_mode_options(mode) if mode else {}), **options.inductor}
     fake_mode = _fake_mode_of(example_inputs)
     started = time.perf_counter()
     if fake_mode is not None:

@@ -21,7 +21,8 @@ class CacheOptions:
     warmup_steps: calls after a reset that always run every block.
     compiler: "inductor" compiles every piece with Inductor; "eager" runs the same cached
         program without compiling (debugging, fast tests).
-    inductor: Inductor config patches (e.g. {"max_autotune": True}), applied to every piece.
+    inductor: Inductor config patches (e.g. {"max_autotune": True}), applied to every piece
+        over `compilers.PIECE_PATCHES` (pieces skip Inductor's per-input size asserts).
     outline_blocks: compile each distinct block structure once per piece and call it for
         every block of that structure (False: Inductor inlines every block).
     """

@@ -128,6 +128,8 @@ class Wiring:
     streams: tuple[tuple[tuple[int, ...], int | None, int], ...]
     parameters: tuple[int, ...]
     activations: tuple[int, ...]
+    # (slot, sizes, strides) rest and tail were compiled for, of values passed between pieces
+    layouts: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] = ()
 
 
 class CachedProgram:
@@ -175,6 +177,7 @@ class CachedProgram:
                     state.signal = outputs[-1]
                     state.residuals = tuple(outputs_rest[len(w.rest_out):])
                     state.strides = tuple(values[result].stride() for *_, result in w.streams)
+            _check_layouts(values, w.layouts)
             result = self._tail(*self._tail_args(values))
         except BaseException:
             state.clear()
@@ -234,6 +237,18 @@ class CachedProgram:
 
     def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
         return self._calls, self._hits, list(self._decisions)
+
+
+def _check_layouts(values: Sequence[Any], layouts: tuple[tuple[int, tuple, tuple], ...]) -> None:
+    """Compiled pieces run without Inductor's per-input size asserts (hundreds of weights,
+    which Dynamo's guards cover); the few values passed between pieces are checked here."""
+    for slot, sizes, strides in layouts:
+        value = values[slot]
+        if value is not None and (value.shape != sizes or value.stride() != strides):
+            raise RuntimeError(
+                f"wavespeed: internal error: value {slot} passed between compiled pieces has sizes "
+                f"{tuple(value.shape)} and strides {value.stride()}, compiled for {sizes} and {strides}; "
+                "please report it (options={'outline_blocks': False} or a plain Inductor compile avoid it)")
 
 
 def _picker(slots: tuple[int, ...]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
