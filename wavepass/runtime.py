@@ -248,7 +248,7 @@ def _check_layouts(values: Sequence[Any], layouts: tuple[tuple[int, tuple, tuple
             raise RuntimeError(
                 f"wavespeed: internal error: value {slot} passed between compiled pieces has sizes "
                 f"{tuple(value.shape)} and strides {value.stride()}, compiled for {sizes} and {strides}; "
-                "please report it (options={'outline_blocks': False} or a plain Inductor compile avoid it)")
+                "please report it (torch.compile(model, backend='inductor') compiles without the cache)")
 
 
 def _picker(slots: tuple[int, ...]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:

@@ -207,9 +207,12 @@ def _check_fresh(block: _Block) -> None:
         if not isinstance(value, torch.Tensor):
             continue
         storage = StorageWeakRef(value.untyped_storage())
-        if node in block.outputs and (storage in seen or not statically_known_true(value.storage_offset() == 0)):
-            raise UnsafeCut(f"`{block.segment.name}` returns `{node.name}`, which is no fresh tensor (it "
-                            f"shares memory with {seen[storage].name if storage in seen else 'another tensor'})")
+        if node in block.outputs and storage in seen:
+            raise UnsafeCut(f"`{block.segment.name}` returns `{node.name}`, which shares memory with "
+                            f"`{seen[storage].name}`; a subgraph's outputs must be fresh tensors")
+        if node in block.outputs and not statically_known_true(value.storage_offset() == 0):
+            raise UnsafeCut(f"`{block.segment.name}` returns `{node.name}`, a view at a storage offset; "
+                            "a subgraph's outputs must start their storage")
         seen.setdefault(storage, node)
 
 
