@@ -31,7 +31,6 @@ from torch._dynamo.utils import counters
 from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import GraphModule
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .options import CacheOptions
 from .passes.errors import CannotCache
@@ -88,11 +87,9 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     patches = {**PIECE_PATCHES, **(list_mode_options(mode) if mode else {}), **options.inductor}
     fake_mode = _fake_mode_of(example_inputs)
     started = time.perf_counter()
-    if fake_mode is not None:
-        _propagate(gm, example_inputs, fake_mode)
     recorded = _recorded(gm, example_inputs)
     session = _session_of(_fake_mode_of(recorded))
-    outlined = _outlined(gm, recorded, name, propagated=fake_mode is not None) if options.outline_blocks else None
+    outlined = _outlined(gm, recorded, name) if options.outline_blocks else None
     compiled = None
     if outlined is not None:
         try:
@@ -121,30 +118,17 @@ def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
     return _sessions.setdefault(fake_mode, CompileSession())
 
 
-def _outlined(gm: GraphModule, recorded: Sequence[Any], name: str, propagated: bool) -> GraphModule | None:
+def _outlined(gm: GraphModule, recorded: Sequence[Any], name: str) -> GraphModule | None:
     """`gm` with its blocks as subgraph calls, or None (compile it whole) with the reason
-    logged. `propagated`: `gm`'s values are fresh already (its example inputs were fake)."""
-    fake_mode = _fake_mode_of(recorded)
-    if fake_mode is None or torch.is_grad_enabled():
+    logged. The pass reads the values Dynamo recorded on every node (`example_value`): no
+    node is run again, not even on fake tensors."""
+    if _fake_mode_of(recorded) is None or torch.is_grad_enabled():
         return None  # no recorded values to key blocks by / training: compile it as Dynamo gave it
-    try:
-        if not propagated:
-            _propagate(gm, recorded, fake_mode)
-    except Exception as exc:  # e.g. `.item()` of a symbolic float under dynamic=True
-        log.info("wavespeed: compiling %s whole: its fake values cannot be propagated (%s)",
-                 name, str(exc).splitlines()[0])
-        return None
     try:
         return outline_blocks(gm)
     except CannotCache as exc:
         log.info("wavespeed: compiling %s whole: %s", name, exc)
         return None
-
-
-def _propagate(gm: GraphModule, example_inputs: Sequence[Any], fake_mode: FakeTensorMode) -> None:
-    """Fresh `meta["val"]` for every node of `gm`, from `example_inputs` (the outlined graph
-    and its subgraphs copy theirs from it)."""
-    FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*example_inputs)
 
 
 def _inductor(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],

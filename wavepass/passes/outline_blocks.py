@@ -85,7 +85,7 @@ class _Block:
     views: tuple[Node, ...]
     inputs: list[Node]
     outputs: list[Node]
-    subgraph: GraphModule
+    graph: Graph
     key: Hashable
 
 
@@ -118,10 +118,10 @@ def outline_blocks(gm: GraphModule) -> GraphModule:
             for node in segment.nodes:
                 env[node] = graph.node_copy(node, env.__getitem__)
             continue
-        if block.key not in kinds:
+        if block.key not in kinds:  # a GraphModule (Python code) only per structure
             kinds[block.key] = f"block_kind_{len(kinds)}"
-            root[kinds[block.key]] = block.subgraph
-            block.subgraph.meta["structure"] = block.key
+            root[kinds[block.key]] = subgraph = GraphModule(gm, block.graph)
+            subgraph.meta["structure"] = block.key
         _call(graph, kinds[block.key], block, env)
     graph.node_copy(gm.graph.find_nodes(op="output")[0], env.__getitem__)
     graph.lint()
@@ -131,8 +131,8 @@ def outline_blocks(gm: GraphModule) -> GraphModule:
 def _block(gm: GraphModule, segment: Segment, sizes: dict[Any, Node]) -> _Block:
     kept, views = _peeled(segment)
     inputs, outputs = _inputs(kept, sizes), _outputs(kept)
-    subgraph = _submodule(gm, kept, inputs, outputs)
-    return _Block(kept, views, inputs, outputs, subgraph, structural_key(subgraph, [example_value(v) for v in inputs]))
+    graph = _subgraph(kept, inputs, outputs)
+    return _Block(kept, views, inputs, outputs, graph, structural_key(graph, [example_value(v) for v in inputs]))
 
 
 def segments_of(gm: GraphModule) -> list[Segment]:
@@ -226,6 +226,8 @@ def _inputs(segment: Segment, sizes: dict[Any, Node]) -> list[Node]:
     """Values the segment reads and does not compute, in first-use order, then the size
     inputs whose symbols its values' sizes use (Inductor needs every symbol as an input)."""
     seen = inputs_of(segment.nodes, set(segment.nodes))
+    if not sizes:  # a static graph: no symbol to pass
+        return seen
     used = free_symbols([example_value(n) for n in (*seen, *segment.nodes)])
     return seen + [node for symbol, node in sizes.items() if symbol in used and node not in seen]
 
@@ -235,7 +237,7 @@ def _outputs(segment: Segment) -> list[Node]:
     return [n for n in segment.nodes if any(user not in inside for user in n.users)]
 
 
-def _submodule(gm: GraphModule, segment: Segment, inputs: list[Node], outputs: list[Node]) -> GraphModule:
+def _subgraph(segment: Segment, inputs: list[Node], outputs: list[Node]) -> Graph:
     graph = Graph()
     env: dict[Node, Node] = {}
     for value in inputs:
@@ -245,7 +247,7 @@ def _submodule(gm: GraphModule, segment: Segment, inputs: list[Node], outputs: l
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple(env[n] for n in outputs))
     graph.lint()
-    return GraphModule(gm, graph)
+    return graph
 
 
 def _call(graph: Graph, kind: str, block: _Block, env: dict[Node, Node]) -> None:
@@ -262,17 +264,17 @@ def _call(graph: Graph, kind: str, block: _Block, env: dict[Node, Node]) -> None
         env[node] = graph.node_copy(node, env.__getitem__)
 
 
-def structural_key(gm: GraphModule, example_inputs: Sequence[Any]) -> Hashable:
+def structural_key(graph: Graph, example_inputs: Sequence[Any]) -> Hashable:
     """Equal keys: the same program on inputs of the same layout, so one subgraph serves
     both. Ops, targets and constant arguments are compared with node references numbered
     by position (placeholder names, which name the weights, are left out); inputs by sizes,
     strides and storage offset (symbolic ones by expression), dtype, device and
     `requires_grad`."""
-    number = {node: f"%{i}" for i, node in enumerate(gm.graph.nodes)}
+    number = {node: f"%{i}" for i, node in enumerate(graph.nodes)}
     ops = tuple(
         (node.op, "" if node.op == "placeholder" else repr(node.target),
          repr(map_arg((node.args, node.kwargs), number.__getitem__)))
-        for node in gm.graph.nodes
+        for node in graph.nodes
     )
     return ops, tuple(_layout(x) for x in example_inputs)
 
