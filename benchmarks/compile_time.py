@@ -4,7 +4,12 @@
 Each configuration of each model is measured in subprocesses of its own (a fresh Dynamo):
 
 * cold    -- a fresh, empty TORCHINDUCTOR_CACHE_DIR: time of the first call (compile + run),
-             and the part of it Dynamo spent tracing bytecode (the same for every config);
+             and the part of it Dynamo spent tracing bytecode (the same for every config).
+             Before the model is built, the child asks Inductor which vector instructions
+             the CPU has (`pick_vec_isa()`): on an empty cache folder Inductor answers by
+             compiling and running a test program per instruction set (6-7 s here), once per
+             machine and cache folder, whatever the model. That probe is timed on its own
+             (`vec_isa_probe_s`, same for every config) and is not part of the cold compile;
 * warm    -- a new subprocess on a warm cache folder: first call again, then a scripted
              session counted with Dynamo's counters: 3 prompts (new encoder states, same
              shapes), a LoRA change (weights changed in place with `p.add_(B @ A)`, then
@@ -125,6 +130,7 @@ def child(kind: str, model_name: str, configs: list[str], quick: bool, steps: in
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     torch.set_num_threads(1)  # 2 OpenMP threads on a shared 2-core machine wait on each other
+    probe_s = timed(_probe_vec_isa)
     name, sizes = (QUICK if quick else MODELS)[model_name]
     call = inputs(name, SIDES[0], prompt=0)
     with torch.no_grad():
@@ -133,7 +139,7 @@ def child(kind: str, model_name: str, configs: list[str], quick: bool, steps: in
         (config,) = configs
         model = build(name, sizes)
         fn = compiled(model, config)
-        result = {"first_call_s": timed(lambda: fn(**call)),
+        result = {"first_call_s": timed(lambda: fn(**call)), "vec_isa_probe_s": probe_s,
                   "dynamo_tracing_s": sum(compilation_time_metrics.get("bytecode_tracing", [])),
                   "wavepass": dict(counters["wavepass"])}
         if kind == "warm":
@@ -144,6 +150,12 @@ def child(kind: str, model_name: str, configs: list[str], quick: bool, steps: in
                 result["session_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             result["session_new_graphs"] = counters["stats"]["unique_graphs"] - before
     return result
+
+
+def _probe_vec_isa() -> None:
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    pick_vec_isa()
 
 
 def steady(name: str, sizes: dict, configs: list[str], call: dict, steps: int, repeats: int) -> dict:
@@ -195,7 +207,7 @@ def measure(args) -> dict:
                 cold_dir = os.path.join(work, config)
                 cold = spawn("cold", model_name, [config], cold_dir, args)
                 shutil.copytree(cold_dir, warm_dir, dirs_exist_ok=True)
-                rows[config] = {"cold_compile_s": cold["first_call_s"],
+                rows[config] = {"cold_compile_s": cold["first_call_s"], "vec_isa_probe_s": cold["vec_isa_probe_s"],
                                 "dynamo_tracing_s": cold["dynamo_tracing_s"], "wavepass": cold["wavepass"]}
                 print(f"{model_name:8s} {config:16s} cold {cold['first_call_s']:.1f} s", file=sys.stderr, flush=True)
             for config in CONFIGS:
@@ -214,9 +226,12 @@ def measure(args) -> dict:
 
 
 def markdown(results: dict) -> str:
+    probes = [row["vec_isa_probe_s"] for rows in results["models"].values() for row in rows.values()]
     lines = [f"torch {results['torch']}, {results['cpus']} CPUs, load average before/after "
              f"{results['load_before'][0]:.1f}/{results['load_after'][0]:.1f}"
-             + (" (--quick sizes)" if results["quick"] else ""), "",
+             + (" (--quick sizes)" if results["quick"] else "")
+             + f"; Inductor's one-time probe of the CPU's vector instructions, not counted in cold "
+             f"compile: {statistics.median(probes):.1f} s", "",
              "| model | config | cold compile (s) | vs inductor | of it Dynamo (s) | warm compile (s) "
              "| ms/step | vs inductor | new graphs in session | blocks / block graphs |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
