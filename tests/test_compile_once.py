@@ -9,7 +9,11 @@ counters say so.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -104,6 +108,29 @@ def test_identical_blocks_compile_once(deep, caplog, monkeypatch, no_fallback):
     assert counters["wavepass"]["block_graphs"] == block_graphs
     assert len(lowered) == block_graphs
     assert f"{outlined} block(s) as calls of {block_graphs} compiled block graph(s)" in caplog.text
+
+
+def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
+    """A warm start: after this process compiled the model, a new process (same Inductor
+    cache folder) loads all three pieces from AOTAutograd's on-disk cache instead of tracing
+    them again. The outlined piece's cache key holds its block structures, which must not
+    name anything by memory address."""
+    case = deep_case("flux")
+    call(case, torch.compile(case.model, backend="wavespeed", options={"residual_diff_threshold": 0.0}))
+    code = (
+        "import json, sys, torch\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from torch._dynamo.utils import counters\n"
+        "import test_compile_once as t\n"
+        "case = t.deep_case('flux')\n"
+        "with torch.no_grad():\n"
+        "    t.call(case, torch.compile(case.model, backend='wavespeed', options={'residual_diff_threshold': 0.0}))\n"
+        "print(json.dumps(dict(counters['aot_autograd'])))\n"
+    )
+    tests = os.path.dirname(__file__)
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, tests], capture_output=True, text=True, check=True)
+    aot = json.loads(done.stdout.strip().splitlines()[-1])
+    assert aot.get("autograd_cache_hit") == 3 and not aot.get("autograd_cache_miss"), aot
 
 
 def test_session_compiles_nothing_new(deep, no_fallback):

@@ -272,11 +272,20 @@ def structural_key(graph: Graph, example_inputs: Sequence[Any]) -> Hashable:
     `requires_grad`."""
     number = {node: f"%{i}" for i, node in enumerate(graph.nodes)}
     ops = tuple(
-        (node.op, "" if node.op == "placeholder" else repr(node.target),
+        (node.op, "" if node.op == "placeholder" else _target_name(node.target),
          repr(map_arg((node.args, node.kwargs), number.__getitem__)))
         for node in graph.nodes
     )
     return ops, tuple(_layout(x) for x in example_inputs)
+
+
+def _target_name(target: Any) -> str:
+    """A node target by name, not by `repr`: a function's repr holds its address, which
+    differs between processes, and the key rides on the subgraph into Inductor's and
+    AOTAutograd's on-disk cache keys."""
+    if isinstance(target, str) or not hasattr(target, "__qualname__"):
+        return str(target)
+    return f"{getattr(target, '__module__', '')}.{target.__qualname__}"
 
 
 def _layout(value: Any) -> Hashable:
