@@ -87,9 +87,9 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     patches = {**PIECE_PATCHES, **(list_mode_options(mode) if mode else {}), **options.inductor}
     fake_mode = _fake_mode_of(example_inputs)
     started = time.perf_counter()
-    recorded = _recorded(gm, example_inputs)
-    session = _session_of(_fake_mode_of(recorded))
-    outlined = _outlined(gm, recorded, name) if options.outline_blocks else None
+    recorded_mode = _recorded_mode(gm, example_inputs)
+    session = _session_of(recorded_mode)
+    outlined = _outlined(gm, recorded_mode, name) if options.outline_blocks else None
     compiled = None
     if outlined is not None:
         try:
@@ -118,11 +118,11 @@ def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
     return _sessions.setdefault(fake_mode, CompileSession())
 
 
-def _outlined(gm: GraphModule, recorded: Sequence[Any], name: str) -> GraphModule | None:
+def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str) -> GraphModule | None:
     """`gm` with its blocks as subgraph calls, or None (compile it whole) with the reason
     logged. The pass reads the values Dynamo recorded on every node (`example_value`): no
     node is run again, not even on fake tensors."""
-    if _fake_mode_of(recorded) is None or torch.is_grad_enabled():
+    if recorded_mode is None or torch.is_grad_enabled():
         return None  # no recorded values to key blocks by / training: compile it as Dynamo gave it
     try:
         return outline_blocks(gm)
@@ -154,15 +154,15 @@ def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: Cach
     return compile_graph(gm, example_inputs, options, mode, name="whole graph (no cache)")
 
 
-def _recorded(gm: GraphModule, example_inputs: Sequence[Any]) -> Sequence[Any]:
-    """The fake values Dynamo recorded for `gm`'s inputs where it handed over real tensors
-    (as it does to a backend for a whole graph): blocks are keyed and compiled by them."""
-    if _fake_mode_of(example_inputs) is not None:
-        return example_inputs
+def _recorded_mode(gm: GraphModule, example_inputs: Sequence[Any]) -> FakeTensorMode | None:
+    """The fake mode of the values Dynamo recorded for `gm`: its example inputs' (a piece's
+    are fake), else its placeholders' where Dynamo handed over real tensors (as it does to a
+    backend for a whole graph). None: no recorded values to key blocks by."""
+    mode = _fake_mode_of(example_inputs)
+    if mode is not None:
+        return mode
     recorded = [example_value(p) for p in gm.graph.find_nodes(op="placeholder")]
-    if len(recorded) == len(example_inputs) and _fake_mode_of(recorded) is not None:
-        return recorded
-    return example_inputs
+    return _fake_mode_of(recorded) if len(recorded) == len(example_inputs) else None
 
 
 def _fake_mode_of(example_inputs: Sequence[Any]) -> FakeTensorMode | None:
