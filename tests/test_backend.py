@@ -266,6 +266,8 @@ def test_grad_mode_compiles_plainly_and_keeps_autograd(flux):
         ({"max_consecutive_cache_hits": -2}, "max_consecutive_cache_hits must be -1"),
         ({"warmup_steps": 1.5}, "warmup_steps must be an integer >= 0"),
         ({"compiler": "tensorrt"}, "compiler must be one of"),
+        ({"outline_blocks": "yes"}, "outline_blocks must be True or False"),
+        ({"bundle_kernels": 1}, "bundle_kernels must be True or False"),
     ],
 )
 def test_bad_options_name_the_fix(flux, options, message):

@@ -113,10 +113,11 @@ def test_identical_blocks_compile_once(deep, caplog, monkeypatch, no_fallback):
 def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
     """A warm start: after this process compiled the model, a new process (same Inductor
     cache folder) loads all three pieces from AOTAutograd's on-disk cache instead of tracing
-    them again. The outlined piece's cache key holds its block structures, which must not
-    name anything by memory address."""
+    them again, and finds every C++ library built: it runs no compiler. The outlined piece's
+    cache key holds its block structures, which must not name anything by memory address."""
     case = deep_case("flux")
     call(case, torch.compile(case.model, backend="wavespeed", options={"residual_diff_threshold": 0.0}))
+    libraries = built_libraries()
     code = (
         "import json, sys, torch\n"
         "sys.path.insert(0, sys.argv[1])\n"
@@ -131,6 +132,13 @@ def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, tests], capture_output=True, text=True, check=True)
     aot = json.loads(done.stdout.strip().splitlines()[-1])
     assert aot.get("autograd_cache_hit") == 3 and not aot.get("autograd_cache_miss"), aot
+    assert built_libraries() == libraries
+
+
+def built_libraries() -> set[str]:
+    """The C++ libraries in Inductor's cache folder."""
+    root = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".so")}
 
 
 def test_session_compiles_nothing_new(deep, no_fallback):
@@ -287,13 +295,6 @@ def test_trailing_views_stay_outside_the_subgraphs():
         for got, expected in zip(compiled(x), model(x)):
             torch.testing.assert_close(got, expected)
     assert counters["wavepass"]["blocks"] == 3
-
-
-def test_outline_blocks_option_is_validated(deep):
-    _, case = deep
-    compiled = torch.compile(case.model, backend="wavespeed", options={"outline_blocks": "yes"})
-    with pytest.raises(Exception, match="outline_blocks must be True or False"):
-        call(case, compiled)
 
 
 def test_values_between_pieces_are_checked(deep, no_fallback):

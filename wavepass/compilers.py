@@ -23,6 +23,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,13 +94,13 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     compiled = None
     if outlined is not None:
         try:
-            compiled = _inductor(outlined, example_inputs, patches, fake_mode)
+            compiled = _inductor(outlined, example_inputs, patches, fake_mode, options)
             detail = session.add(outlined)
         except Exception as exc:  # e.g. a block Inductor cannot compile as a subgraph
             log.info("wavespeed: compiling %s whole: its blocks failed to compile as subgraphs (%s: %s)",
                      name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     if compiled is None:
-        compiled, detail = _inductor(gm, example_inputs, patches, fake_mode), "whole"
+        compiled, detail = _inductor(gm, example_inputs, patches, fake_mode, options), "whole"
         counters["wavepass"]["whole_graphs"] += 1
     seconds = time.perf_counter() - started
     session.pieces += 1
@@ -132,16 +133,19 @@ def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str) 
 
 
 def _inductor(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
-              fake_mode: FakeTensorMode | None) -> Callable[..., Any]:
-    """compile_fx on one graph. Graphs are compiled on their own, each in a tracing context
-    of its own, so one graph's output strides and metadata never leak into another's or
-    Dynamo's."""
+              fake_mode: FakeTensorMode | None, options: CacheOptions) -> Callable[..., Any]:
+    """compile_fx on one graph, its C++ kernels built as one library (`cpp_bundle`). Graphs
+    are compiled on their own, each in a tracing context of its own, so one graph's output
+    strides and metadata never leak into another's or Dynamo's."""
     from torch._inductor.compile_fx import compile_fx
 
-    if fake_mode is None:
-        return _unboxed(compile_fx(gm, list(example_inputs), config_patches=patches))
-    with tracing(TracingContext(fake_mode)):
-        return _unboxed(compile_fx(gm, list(example_inputs), config_patches=patches))
+    from .cpp_bundle import bundled_cpp_kernels
+
+    with bundled_cpp_kernels() if options.bundle_kernels else nullcontext():
+        if fake_mode is None:
+            return _unboxed(compile_fx(gm, list(example_inputs), config_patches=patches))
+        with tracing(TracingContext(fake_mode)):
+            return _unboxed(compile_fx(gm, list(example_inputs), config_patches=patches))
 
 
 def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,

@@ -25,6 +25,8 @@ class CacheOptions:
         over `compilers.PIECE_PATCHES` (pieces skip Inductor's per-input size asserts).
     outline_blocks: compile each distinct block structure once per piece and call it for
         every block of that structure (False: Inductor inlines every block).
+    bundle_kernels: build each piece's C++ kernels (CPU) as one library instead of one
+        library per kernel (`cpp_bundle.py`); the kernels are the same.
     """
 
     residual_diff_threshold: float = 0.12
@@ -33,6 +35,7 @@ class CacheOptions:
     compiler: str = "inductor"
     inductor: dict[str, Any] = field(default_factory=dict)
     outline_blocks: bool = True
+    bundle_kernels: bool = True
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> CacheOptions:
@@ -60,8 +63,9 @@ class CacheOptions:
             raise ValueError(f"wavespeed: compiler must be one of {COMPILERS}, got {self.compiler!r}")
         if not isinstance(self.inductor, dict):
             raise ValueError(f"wavespeed: inductor must be a dict of Inductor config patches, got {self.inductor!r}")
-        if not isinstance(self.outline_blocks, bool):
-            raise ValueError(f"wavespeed: outline_blocks must be True or False, got {self.outline_blocks!r}")
+        for name in ("outline_blocks", "bundle_kernels"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"wavespeed: {name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def may_skip(self) -> bool:

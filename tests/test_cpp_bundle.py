@@ -1,0 +1,146 @@
+"""A compiled graph's C++ kernels are built as one library (`wavepass/cpp_bundle.py`).
+
+The bundled kernels are Inductor's own, so they must give the same results as Inductor's
+per-kernel builds; a kernel the bundle cannot take, and every kernel of a bundle whose build
+fails, is built Inductor's way; a warm start builds nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch._inductor.codecache import CppPythonBindingsCodeCache, PyCodeCache
+from torch._inductor.compile_fx import compile_fx
+
+from wavepass import CacheOptions, cpp_bundle
+from wavepass.compilers import compile_graph
+from wavepass.cpp_bundle import BundleCodeCache, Kernel, bundle_source, bundled_cpp_kernels
+
+# An Inductor-style kernel: one `extern "C"` entry named `kernel`, tensors by pointer, a size.
+SCALE = """
+#include <torch/csrc/inductor/cpp_prefix.h>
+extern "C"  void  kernel(const float* in_ptr0, float* out_ptr0, const int64_t ks0)
+{
+    for (int64_t i = 0; i < ks0; ++i) out_ptr0[i] = in_ptr0[i] * %s;
+}
+"""
+ARGTYPES = ["const float*", "float*", "const int64_t"]
+
+
+def fused(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several kernels: pointwise, a reduction, a softmax; sizes passed as ints when dynamic."""
+    a = (x.sin() * y + 1).relu()
+    b = a.softmax(-1) @ y.T
+    return b.tanh() + a.sum(-1, keepdim=True), (x - y).abs().amax(0)
+
+
+def bundled_backend(gm, example_inputs):
+    with bundled_cpp_kernels():
+        return compile_fx(gm, example_inputs)
+
+
+def loaded_kernels() -> list[object]:
+    """The kernels bound in every loaded Inductor module."""
+    return [v for module in PyCodeCache.modules for v in vars(module).values() if callable(v)]
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Count bundle builds and Inductor's own per-kernel builds (both still run)."""
+    counts = {"bundles": 0, "per_kernel": 0}
+
+    def counted(key, function):
+        def wrapper(*args, **kwargs):
+            counts[key] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(cpp_bundle, "_build_chunk", counted("bundles", cpp_bundle._build_chunk))
+    monkeypatch.setattr(CppPythonBindingsCodeCache, "load_pybinding_async",
+                        counted("per_kernel", CppPythonBindingsCodeCache.load_pybinding_async))
+    return counts
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_bundled_kernels_equal_inductors_own_builds(dynamic, builds):
+    x, y = torch.randn(6, 16), torch.randn(6, 16)
+    reference = torch.compile(fused, backend="inductor", dynamic=dynamic)(x, y)
+    assert builds == {"bundles": 0, "per_kernel": builds["per_kernel"]} and builds["per_kernel"] >= 2
+    torch._dynamo.reset()
+    builds["per_kernel"] = 0
+    bundled = torch.compile(fused, backend=bundled_backend, dynamic=dynamic)
+    got = bundled(x, y)
+    assert builds == {"bundles": 1, "per_kernel": 0}
+    for out, ref in zip(got, reference):
+        assert torch.equal(out, ref)
+    # the first call put the built kernels in place of the recorded ones
+    assert not [k for k in loaded_kernels() if isinstance(k, Kernel)]
+    x2, y2 = torch.randn(9, 16), torch.randn(9, 16)
+    for out, ref in zip(bundled(x2, y2), fused(x2, y2)):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bundle_source_builds_one_method_per_kernel():
+    module = BundleCodeCache.load(bundle_source([Kernel(ARGTYPES, SCALE % "2.0f"), Kernel(ARGTYPES, SCALE % "-3.0f")]))
+    x = torch.arange(5, dtype=torch.float32)
+    doubled, tripled = torch.zeros(5), torch.zeros(5)
+    module.kernel_0(x, doubled, 5)
+    module.kernel_1(x, tripled, 3)
+    assert torch.equal(doubled, 2 * x)
+    assert torch.equal(tripled, torch.tensor([0.0, -3.0, -6.0, 0.0, 0.0]))
+    with pytest.raises(RuntimeError, match="takes 3 arguments"):
+        module.kernel_0(x, doubled)
+
+
+@pytest.mark.parametrize("bundle", [True, False])
+def test_the_option_decides(bundle, builds):
+    options = CacheOptions(bundle_kernels=bundle)
+    x, y = torch.randn(7, 16), torch.randn(7, 16)
+    got = torch.compile(fused, backend=lambda gm, inputs: compile_graph(gm, inputs, options))(x, y)
+    assert (builds["bundles"] > 0, builds["per_kernel"] > 0) == (bundle, not bundle)
+    for out, ref in zip(got, fused(x, y)):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_kernel_called_before_wait_is_built_alone():
+    x, out = torch.arange(4, dtype=torch.float32), torch.zeros(4)
+    Kernel(ARGTYPES, SCALE % "5.0f")(x, out, 4)
+    assert torch.equal(out, 5 * x)
+
+
+@pytest.mark.parametrize("argtypes, source", [
+    (["const bool", "float*"], SCALE),  # a type Inductor's binding does not parse
+    (ARGTYPES, SCALE + '\nextern "C" void helper() {}\n'),  # two C entries
+    (ARGTYPES, SCALE.replace("kernel(", "entry(")),  # no entry named `kernel`
+])
+def test_what_the_bundle_cannot_take_is_left_to_inductor(argtypes, source):
+    assert not cpp_bundle._bundleable(argtypes, source)
+    assert cpp_bundle._bundleable(ARGTYPES, SCALE)
+
+
+def test_a_failed_bundle_build_falls_back_to_per_kernel_builds(monkeypatch, caplog):
+    """Simulated compiler failure (the real compiler does not fail on Inductor's kernels)."""
+    def broken(source):
+        raise RuntimeError("simulated compiler crash")
+
+    monkeypatch.setattr(BundleCodeCache, "load", broken)
+    monkeypatch.setattr(cpp_bundle, "_failures", set())
+    x, y = torch.randn(5, 16), torch.randn(5, 16)
+    with caplog.at_level(logging.WARNING, logger="wavepass"):
+        got = torch.compile(fused, backend=bundled_backend)(x, y)
+    for out, ref in zip(got, fused(x, y)):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    warnings = [r for r in caplog.records if "one library failed" in r.getMessage()]
+    assert len(warnings) == 1 and "simulated compiler crash" in warnings[0].getMessage()
+
+
+def test_the_bundle_is_active_only_inside_the_context():
+    original = torch._inductor.async_compile.AsyncCompile.cpp_pybinding
+    with bundled_cpp_kernels():
+        assert torch._inductor.async_compile.AsyncCompile.cpp_pybinding is not original
+        with bundled_cpp_kernels():  # nested: the outer context restores
+            pass
+        assert torch._inductor.async_compile.AsyncCompile.cpp_pybinding is not original
+    assert torch._inductor.async_compile.AsyncCompile.cpp_pybinding is original
