@@ -114,6 +114,7 @@ def test_a_kernel_called_before_wait_is_built_alone():
     (["const bool", "float*"], SCALE),  # a type Inductor's binding does not parse
     (ARGTYPES, SCALE + '\nextern "C" void helper() {}\n'),  # two C entries
     (ARGTYPES, SCALE.replace("kernel(", "entry(")),  # no entry named `kernel`
+    (ARGTYPES, "#define WIDTH 4\n" + SCALE),  # a macro would reach the kernels after it
 ])
 def test_what_the_bundle_cannot_take_is_left_to_inductor(argtypes, source):
     assert not cpp_bundle._bundleable(argtypes, source)

@@ -9,8 +9,8 @@ Compile once per block kind: `compile_graph` first rewrites a piece so that each
 call of one shared subgraph per block structure (`passes/outline_blocks.py`), then hands the
 piece to Inductor as one graph: Inductor lowers and compiles each structure once per piece
 and emits one function per structure that every block of it calls with its own weights.
-Kernels identical across pieces (the head's first block and `rest`'s blocks) are compiled
-once through Inductor's code cache. Counts land in
+A piece's C++ kernels are built as one library per compile worker (`cpp_bundle.py`).
+Counts land in
 `torch._dynamo.utils.counters["wavepass"]`; a `CompileSession` per Dynamo graph (per fake
 mode) sums them for the log.
 """

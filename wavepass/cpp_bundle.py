@@ -23,9 +23,10 @@ The kernel code, compiler flags and argument passing are Inductor's; only the un
 building changes, so the generated module and Inductor's FX graph cache entries are the same
 as without the bundle. Libraries are cached on disk like Inductor's (keyed by the bundled
 source and the compile command), so a warm start finds them. A kernel the bundle cannot take
-(not one `extern "C"` entry named `kernel`, or an argument type Inductor's binding does not
-parse) and every kernel of a chunk that fails to build are built Inductor's way, one by one:
-the results never depend on the bundle, and the failure is logged once.
+(not one `extern "C"` entry named `kernel`, an argument type Inductor's binding does not
+parse, or a preprocessor directive other than `#include` and `#pragma`) and every kernel of
+a chunk that fails to build are built Inductor's way, one by one: the results never depend
+on the bundle, and the failure is logged once.
 """
 
 from __future__ import annotations
@@ -60,11 +61,11 @@ class BundleCodeCache(CppPythonBindingsCodeCache):
 
 
 class Kernel:
-    """A kernel recorded by `cpp_pybinding`. `wait` hands it to a bundle build and binds it,
-    under its name in the generated module, in place of the built kernel; its first call
-    waits for the build (if still running) and puts the built kernel in its place, so later
-    calls go straight to the C++ code. Called before `wait` (nothing in Inductor does), it is
-    built on its own."""
+    """A kernel recorded by `cpp_pybinding`, bound under its name in the generated module
+    until its build is done. `wait` hands it to a bundle build; its first call waits for
+    that build (if still running) and puts the built kernel in its place, so later calls go
+    straight to the C++ code. Called before `wait` (nothing in Inductor does), it is built
+    on its own."""
 
     def __init__(self, argtypes: list[str], source: str) -> None:
         self.argtypes, self.source = list(argtypes), source
@@ -117,9 +118,14 @@ def _build_then_wait(self: AsyncCompile, scope: dict[str, Any]) -> None:
 
 
 def _bundleable(argtypes: list[str], source: str) -> bool:
+    """One C entry named `kernel`, arguments Inductor's binding parses, and no preprocessor
+    directive but `#include` and `#pragma`: a macro one kernel defines would reach the
+    kernels after it in the bundle."""
     types = [t.replace("const ", "").strip() for t in argtypes]
+    directives = (line.lstrip() for line in source.splitlines() if line.lstrip().startswith("#"))
     return (source.count('extern "C"') == 1 and _ENTRY.search(source) is not None
-            and all(t.endswith("*") or t in _SCALARS for t in types))
+            and all(t.endswith("*") or t in _SCALARS for t in types)
+            and all(d.startswith(("#include", "#pragma")) for d in directives))
 
 
 def _chunks(recorded: list[tuple[str, Kernel]]) -> list[list[tuple[str, Kernel]]]:
