@@ -23,6 +23,7 @@ import models
 import wavepass
 import wavepass.options
 from wavepass.compilers import compile_graph
+from wavepass.cpp_bundle import wait_for_builds
 from wavepass.passes.errors import UnsafeCut
 from wavepass.passes.outline_blocks import outline_blocks
 
@@ -136,7 +137,8 @@ def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
 
 
 def built_libraries() -> set[str]:
-    """The C++ libraries in Inductor's cache folder."""
+    """The C++ libraries in Inductor's cache folder, once no build writes there."""
+    wait_for_builds()
     root = os.environ["TORCHINDUCTOR_CACHE_DIR"]
     return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".so")}
 

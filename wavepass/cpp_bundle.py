@@ -35,7 +35,7 @@ import functools
 import logging
 import re
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -49,6 +49,7 @@ _SCALARS = ("int64_t", "uintptr_t", "float")  # the non-pointer types Inductor's
 _MIN_CHUNK = 4  # fewer kernels than this per chunk: the fixed costs outweigh the parallelism
 _ORIGINAL = {"cpp_pybinding": AsyncCompile.cpp_pybinding, "wait": AsyncCompile.wait}
 _failures: set[str] = set()
+_running: set[Future[Any]] = set()
 
 
 @clear_on_fresh_cache
@@ -112,9 +113,17 @@ def _build_then_wait(self: AsyncCompile, scope: dict[str, Any]) -> None:
     recorded = [(name, value) for name, value in scope.items() if isinstance(value, Kernel)]
     for chunk in _chunks(recorded):
         build = _builders().submit(_build_chunk, [kernel for _, kernel in chunk])
+        _running.add(build)
+        build.add_done_callback(_running.discard)
         for index, (name, kernel) in enumerate(chunk):
             kernel.bind(build, index, scope, name)
     _ORIGINAL["wait"](self, scope)
+
+
+def wait_for_builds() -> None:
+    """Block until every bundle build started so far is done (a kernel's first call waits
+    only for its own): for a cache folder that no build still writes to."""
+    wait(list(_running))
 
 
 def _bundleable(argtypes: list[str], source: str) -> bool:
