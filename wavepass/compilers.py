@@ -10,9 +10,8 @@ call of one shared subgraph per block structure (`passes/outline_blocks.py`), th
 piece to Inductor as one graph: Inductor lowers and compiles each structure once per piece
 and emits one function per structure that every block of it calls with its own weights.
 A piece's C++ kernels are built as one library per compile worker (`cpp_bundle.py`).
-Counts land in
-`torch._dynamo.utils.counters["wavepass"]`; a `CompileSession` per Dynamo graph (per fake
-mode) sums them for the log.
+Counts land in `torch._dynamo.utils.counters["wavepass"]`; a `CompileSession` per Dynamo
+graph (per fake mode) sums them for the log.
 """
 
 from __future__ import annotations
@@ -141,11 +140,9 @@ def _inductor(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[str,
 
     from .cpp_bundle import bundled_cpp_kernels
 
-    with bundled_cpp_kernels() if options.bundle_kernels else nullcontext():
-        if fake_mode is None:
-            return _unboxed(compile_fx(gm, list(example_inputs), config_patches=patches))
-        with tracing(TracingContext(fake_mode)):
-            return _unboxed(compile_fx(gm, list(example_inputs), config_patches=patches))
+    with (bundled_cpp_kernels() if options.bundle_kernels else nullcontext(),
+          tracing(TracingContext(fake_mode)) if fake_mode is not None else nullcontext()):
+        return _unboxed(compile_fx(gm, list(example_inputs), config_patches=patches))
 
 
 def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
