@@ -7,7 +7,7 @@ Each configuration of each model is measured in subprocesses of its own (a fresh
              and the part of it Dynamo spent tracing bytecode (the same for every config).
              Before the model is built, the child asks Inductor which vector instructions
              the CPU has (`pick_vec_isa()`): on an empty cache folder Inductor answers by
-             compiling and running a test program per instruction set (6-7 s here), once per
+             compiling and running a test program per instruction set (7-9 s here), once per
              machine and cache folder, whatever the model. That probe is timed on its own
              (`vec_isa_probe_s`, same for every config) and is not part of the cold compile;
 * warm    -- a new subprocess on a warm cache folder: first call again, then a scripted

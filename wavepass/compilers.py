@@ -87,7 +87,7 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     patches = {**PIECE_PATCHES, **(list_mode_options(mode) if mode else {}), **options.inductor}
     fake_mode = _fake_mode_of(example_inputs)
     started = time.perf_counter()
-    recorded_mode = _recorded_mode(gm, example_inputs)
+    recorded_mode = fake_mode if fake_mode is not None else _placeholders_mode(gm, len(example_inputs))
     session = _session_of(recorded_mode)
     outlined = _outlined(gm, recorded_mode, name) if options.outline_blocks else None
     compiled = None
@@ -155,15 +155,12 @@ def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: Cach
     return compile_graph(gm, example_inputs, options, mode, name="whole graph (no cache)")
 
 
-def _recorded_mode(gm: GraphModule, example_inputs: Sequence[Any]) -> FakeTensorMode | None:
-    """The fake mode of the values Dynamo recorded for `gm`: its example inputs' (a piece's
-    are fake), else its placeholders' where Dynamo handed over real tensors (as it does to a
-    backend for a whole graph). None: no recorded values to key blocks by."""
-    mode = _fake_mode_of(example_inputs)
-    if mode is not None:
-        return mode
+def _placeholders_mode(gm: GraphModule, inputs: int) -> FakeTensorMode | None:
+    """The fake mode of the values Dynamo recorded on `gm`'s placeholders, where it handed
+    over real tensors (as it does to a backend for a whole graph; a piece's example inputs
+    are fake already). None: no recorded values to key blocks by."""
     recorded = [example_value(p) for p in gm.graph.find_nodes(op="placeholder")]
-    return _fake_mode_of(recorded) if len(recorded) == len(example_inputs) else None
+    return _fake_mode_of(recorded) if len(recorded) == inputs else None
 
 
 def _fake_mode_of(example_inputs: Sequence[Any]) -> FakeTensorMode | None:

@@ -77,14 +77,17 @@ class Kernel:
 
     def __call__(self, *args: Any) -> Any:
         if self._bound is None:
-            return CppPythonBindingsCodeCache.load_pybinding(self.argtypes, self.source)(*args)
+            return self._alone()(*args)
         build, index, scope, name = self._bound
         module = build.result()
-        built = (getattr(module, f"kernel_{index}") if module is not None
-                 else CppPythonBindingsCodeCache.load_pybinding(self.argtypes, self.source))
+        built = getattr(module, f"kernel_{index}") if module is not None else self._alone()
         if scope.get(name) is self:
             scope[name] = built
         return built(*args)
+
+    def _alone(self) -> Any:
+        """This kernel built Inductor's way, as an extension of its own."""
+        return CppPythonBindingsCodeCache.load_pybinding(self.argtypes, self.source)
 
 
 @contextmanager
@@ -130,11 +133,16 @@ def _bundleable(argtypes: list[str], source: str) -> bool:
     """One C entry named `kernel`, arguments Inductor's binding parses, and no preprocessor
     directive but `#include` and `#pragma`: a macro one kernel defines would reach the
     kernels after it in the bundle."""
-    types = [t.replace("const ", "").strip() for t in argtypes]
+    types = [_parsed_type(t) for t in argtypes]
     directives = (line.lstrip() for line in source.splitlines() if line.lstrip().startswith("#"))
     return (source.count('extern "C"') == 1 and _ENTRY.search(source) is not None
             and all(t.endswith("*") or t in _SCALARS for t in types)
             and all(d.startswith(("#include", "#pragma")) for d in directives))
+
+
+def _parsed_type(argtype: str) -> str:
+    """The type an argument is parsed as (Inductor's binding drops `const`)."""
+    return argtype.replace("const ", "").strip()
 
 
 def _chunks(recorded: list[tuple[str, Kernel]]) -> list[list[tuple[str, Kernel]]]:
@@ -173,8 +181,7 @@ def bundle_source(kernels: list[Kernel]) -> str:
         includes.update(dict.fromkeys(line for line in lines if line.lstrip().startswith("#include")))
         body = "\n".join(line for line in lines if not line.lstrip().startswith("#include"))
         bodies.append(f"namespace wavepass_kernel_{index} {{\n{_ENTRY.sub('', body, count=1)}\n}}")
-        arguments = ", ".join(f"arg<{t.replace('const ', '').strip()}>(args, {n})"
-                              for n, t in enumerate(kernel.argtypes))
+        arguments = ", ".join(f"arg<{_parsed_type(t)}>(args, {n})" for n, t in enumerate(kernel.argtypes))
         methods.append(_METHOD.format(index=index, count=len(kernel.argtypes), arguments=arguments))
         table.append(f'    {{"kernel_{index}", kernel_{index}_py, METH_VARARGS, ""}},')
     return "\n".join([*includes, *bodies, _BINDING, *methods, _MODULE.format(table="\n".join(table))])
