@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .compilers import compile_graph, plain_fallback
+from .compilers import compile_pieces, plain_fallback
 from .options import CacheOptions
 from .passes.errors import CannotCache
 from .passes.find_blocks import find_blocks
@@ -38,10 +38,10 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     except CannotCache as exc:
         return plain_fallback(gm, example_inputs, opts, mode, str(exc))
     wiring = _wiring(part, example_inputs)
-    head, rest, tail = (
-        compile_graph(piece.gm, [example_value(n) for n in piece.inputs], opts, mode, name)
-        for piece, name in ((part.head, "head"), (part.rest, "rest"), (part.tail, "tail"))
-    )
+    head, rest, tail = compile_pieces(
+        [(name, piece.gm, [example_value(n) for n in piece.inputs])
+         for piece, name in ((part.head, "head"), (part.rest, "rest"), (part.tail, "tail"))],
+        opts, mode)
     description = (f"blocks {part.layout.describe()}, {len(part.streams)} cached stream(s), "
                    f"decided on `{part.signal_source.name}`")
     blocks = tuple(block.path for block in part.layout.blocks)

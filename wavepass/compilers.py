@@ -1,26 +1,30 @@
 """Hand graphs to Inductor (or run them as they are), and the one way to fall back.
 
-Every piece the backend produces goes through `compile_graph`, which returns a plain
-callable `f(*args) -> tuple`. `plain_fallback` is the single exit for graphs the cache cannot
-handle: it says why, once per reason, and compiles the whole graph as `backend="inductor"`
-would.
+The pieces of a Dynamo graph go through `compile_pieces`, each piece through `compile_graph`,
+which returns a plain callable `f(*args) -> tuple`. `plain_fallback` is the single exit for
+graphs the cache cannot handle: it says why, once per reason, and compiles the whole graph
+as `backend="inductor"` would.
 
 Compile once per block kind: `compile_graph` first rewrites a piece so that each block is a
-call of one shared subgraph per block structure (`passes/outline_blocks.py`), then hands the
-piece to Inductor as one graph: Inductor lowers and compiles each structure once per piece
-and emits one function per structure that every block of it calls with its own weights.
-A piece's C++ kernels are built as one library per compile worker (`cpp_bundle.py`).
+call of one shared subgraph per block structure (`passes/outline_blocks.py`, structures
+counted over all pieces). Each static subgraph is compiled on its own, once for all pieces
+and models (`block_op.py`: a registry by name), and the piece calls it through
+`wavepass.blocks` (`passes/call_compiled_blocks.py`); subgraphs with symbolic sizes stay
+in the piece, which Inductor lowers once per piece. A piece's C++ kernels are built as one
+library per compile worker (`cpp_bundle.py`).
 Counts land in `torch._dynamo.utils.counters["wavepass"]`; a `CompileSession` per Dynamo
 graph (per fake mode) sums them for the log.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import time
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,10 +36,12 @@ from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import GraphModule
 
+from .block_op import BLOCKS, Structure, call_directly_from_inductor, register, registered
 from .options import CacheOptions
+from .passes.call_compiled_blocks import blocks_called, call_compiled_blocks, is_static
 from .passes.errors import CannotCache
 from .passes.fx_facts import example_value
-from .passes.outline_blocks import outline_blocks
+from .passes.outline_blocks import block_structures, outline_blocks
 
 log = logging.getLogger("wavepass")
 _warned: set[str] = set()
@@ -57,16 +63,19 @@ class CompileSession:
     block_graphs: int = 0
     seconds: float = 0.0
 
-    def add(self, outlined: GraphModule) -> str:
-        """Count the block calls and block subgraphs of one outlined piece; describe them."""
-        calls = outlined.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph)
-        kinds = [m for m in outlined.children() if "structure" in getattr(m, "meta", {})]
-        self.blocks += len(calls)
-        self.block_graphs += len(kinds)
+    def add(self, piece: GraphModule, structures: dict[str, Structure], compiled: int) -> str:
+        """Count the block calls of one outlined piece and its block graphs: those it lowers
+        itself and the `compiled` new ones of `structures` it calls; describe them."""
+        calls = (len(piece.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph))
+                 + sum(map(blocks_called, piece.graph.find_nodes(op="call_function", target=BLOCKS))))
+        kinds = [m for m in piece.children() if "structure" in getattr(m, "meta", {})]
+        self.blocks += calls
+        self.block_graphs += len(kinds) + compiled
         self.structures.update(m.meta["structure"] for m in kinds)
-        counters["wavepass"]["blocks"] += len(calls)
-        counters["wavepass"]["block_graphs"] += len(kinds)
-        return f"{len(calls)} block(s) as calls of {len(kinds)} block graph(s)"
+        self.structures.update(s.key for s in structures.values())
+        counters["wavepass"]["blocks"] += calls
+        counters["wavepass"]["block_graphs"] += len(kinds) + compiled
+        return f"{calls} block(s) as calls of {len(kinds) + len(structures)} block graph(s)"
 
     def summary(self) -> str:
         return (f"{self.pieces} piece(s), {self.blocks} block(s) as calls of {self.block_graphs} "
@@ -77,9 +86,22 @@ class CompileSession:
 _sessions: weakref.WeakKeyDictionary[FakeTensorMode, CompileSession] = weakref.WeakKeyDictionary()
 
 
+def compile_pieces(pieces: Sequence[tuple[str, GraphModule, Sequence[Any]]], options: CacheOptions,
+                   mode: str | None = None) -> list[Callable[..., Any]]:
+    """Compile the (name, graph, example inputs) pieces of one Dynamo graph, in order. A block
+    structure that occurs in more than one piece, even once in each, is compiled once."""
+    occurrences: Counter[Hashable] = Counter()
+    if options.outline_blocks:
+        for _, gm, _ in pieces:
+            occurrences += _structures_in(gm)
+    return [compile_graph(gm, inputs, options, mode, name, occurrences) for name, gm, inputs in pieces]
+
+
 def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
-                  mode: str | None = None, name: str = "graph") -> Callable[..., Any]:
-    """Compile `gm` with the configured compiler; the result is called as `f(*args)`."""
+                  mode: str | None = None, name: str = "graph",
+                  occurrences: Counter[Hashable] | None = None) -> Callable[..., Any]:
+    """Compile `gm` with the configured compiler; the result is called as `f(*args)`.
+    `occurrences`: how often each block structure occurs in all pieces (default: in `gm`)."""
     if options.compiler == "eager":
         return gm
     from torch._inductor import list_mode_options
@@ -89,12 +111,15 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     started = time.perf_counter()
     recorded_mode = fake_mode if fake_mode is not None else _placeholders_mode(gm, len(example_inputs))
     session = _session_of(recorded_mode)
-    outlined = _outlined(gm, recorded_mode, name) if options.outline_blocks else None
+    outlined = _outlined(gm, recorded_mode, name, occurrences) if options.outline_blocks else None
     compiled = None
     if outlined is not None:
         try:
-            compiled = _inductor(outlined, example_inputs, patches, fake_mode, options)
-            detail = session.add(outlined)
+            structures, new = _compiled_structures(outlined, patches, options)
+            piece = call_compiled_blocks(outlined, {kind: s.name for kind, s in structures.items()})
+            compiled = _Piece(_inductor(piece, example_inputs, patches, fake_mode, options),
+                              tuple(structures.values()))
+            detail = session.add(piece, structures, new)
         except Exception as exc:  # e.g. a block Inductor cannot compile as a subgraph
             log.info("wavespeed: compiling %s whole: its blocks failed to compile as subgraphs (%s: %s)",
                      name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -118,17 +143,71 @@ def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
     return _sessions.setdefault(fake_mode, CompileSession())
 
 
-def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str) -> GraphModule | None:
+def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str,
+              occurrences: Counter[Hashable] | None) -> GraphModule | None:
     """`gm` with its blocks as subgraph calls, or None (compile it whole) with the reason
     logged. The pass reads the values Dynamo recorded on every node (`example_value`): no
     node is run again, not even on fake tensors."""
     if recorded_mode is None or torch.is_grad_enabled():
         return None  # no recorded values to key blocks by / training: compile it as Dynamo gave it
     try:
-        return outline_blocks(gm)
+        return outline_blocks(gm, occurrences)
     except CannotCache as exc:
         log.info("wavespeed: compiling %s whole: %s", name, exc)
         return None
+
+
+def _structures_in(gm: GraphModule) -> Counter[Hashable]:
+    try:
+        return block_structures(gm)
+    except CannotCache:  # `_outlined` says why, when it compiles this piece
+        return Counter()
+
+
+def _compiled_structures(outlined: GraphModule, patches: dict[str, Any],
+                         options: CacheOptions) -> tuple[dict[str, Structure], int]:
+    """The compiled structure for each static block subgraph of `outlined` (by attribute),
+    compiled on its own where no live one has its name, and how many were compiled. No
+    CUDA graphs inside: the calling piece may record one around the whole piece."""
+    call_directly_from_inductor()
+    patches = {**patches, "triton.cudagraphs": False}
+    found: dict[str, Structure] = {}
+    compiled = 0
+    for kind, subgraph in outlined.named_children():
+        if "structure" not in getattr(subgraph, "meta", {}) or not is_static(subgraph):
+            continue
+        key = subgraph.meta["structure"]
+        name = "wp_" + hashlib.sha256(repr((key, sorted(patches.items()))).encode()).hexdigest()[:20]
+        structure = registered(name)
+        if structure is None:
+            structure = _compile_structure(name, key, subgraph, patches, options)
+            compiled += 1
+        found[kind] = structure
+    return found, compiled
+
+
+def _compile_structure(name: str, key: Hashable, subgraph: GraphModule, patches: dict[str, Any],
+                       options: CacheOptions) -> Structure:
+    started = time.perf_counter()
+    inputs = [example_value(p) for p in subgraph.graph.find_nodes(op="placeholder")]
+    (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
+    run = _inductor(subgraph, inputs, patches, _fake_mode_of(inputs), options)
+    layouts = tuple((tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+                    for v in map(example_value, outputs))
+    log.info("wavespeed: compiled block structure %s (%d nodes) in %.1f s", name,
+             len(subgraph.graph.nodes), time.perf_counter() - started)
+    return register(Structure(name, key, run, layouts))
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A compiled piece that calls compiled block structures: it keeps them alive."""
+
+    run: Callable[..., Any]
+    structures: tuple[Structure, ...]
+
+    def __call__(self, *args: Any) -> Any:
+        return self.run(*args)
 
 
 def _inductor(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],

@@ -1,13 +1,12 @@
 """Replace every block of a repeated structure by a call of that structure's one subgraph.
 
-Inductor then lowers and compiles each repeated block structure once per graph and calls
-that code for every block of the structure with the block's own weights; the glue between
-blocks stays inline, so the piece is still one Inductor graph (one call per step, no Python
-between blocks but the subgraph calls). The calls are `torch.ops.higher_order.invoke_subgraph`,
-the operator `torch.compiler.nested_compile_region` produces, so AOTAutograd traces each
-structure once (its cache is keyed by the identifier) and Inductor emits it once as a
-function. A block whose structure occurs once in the graph stays inline: a subgraph would
-only add a call and block fusion with its neighbours.
+The subgraph is compiled once and called for every block of the structure with the block's
+own weights (`call_compiled_blocks` makes the calls of static subgraphs calls of a block
+graph compiled on its own; Inductor lowers the others once per graph); the glue between
+blocks stays inline. The calls are `torch.ops.higher_order.invoke_subgraph`, the operator
+`torch.compiler.nested_compile_region` produces. A block whose structure occurs once (in
+the graph, or among the graphs `occurrences` counts) stays inline: a subgraph would only add
+a call and block fusion with its neighbours.
 
     before (one piece, e.g. `rest`)               after
     -------------------------------------------   ----------------------------------------------
@@ -49,7 +48,7 @@ from __future__ import annotations
 import functools
 import operator
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +78,11 @@ class Segment:
 
 @dataclass(frozen=True)
 class _Block:
-    """A block as a subgraph: its nodes less the trailing `views`, and the call's operands."""
+    """A block as a subgraph: its nodes less the `leading` and trailing `views`, and the
+    call's operands."""
 
     segment: Segment
+    leading: tuple[Node, ...]
     views: tuple[Node, ...]
     inputs: list[Node]
     outputs: list[Node]
@@ -89,15 +90,19 @@ class _Block:
     key: Hashable
 
 
-def outline_blocks(gm: GraphModule) -> GraphModule:
+def outline_blocks(gm: GraphModule, occurrences: Mapping[Hashable, int] | None = None) -> GraphModule:
     """`gm` with each block whose structure repeats a call of that structure's subgraph
     (attribute `block_kind_<k>`, whose `meta["structure"]` is its `structural_key`); blocks
-    of a structure that occurs once, and glue, are copied as they are."""
+    of a structure that occurs once, and glue, are copied as they are. `occurrences` counts
+    the structures over several graphs (`block_structures`, summed), so that a block alone
+    in its graph is outlined too where its structure occurs in another; by default, over
+    `gm` alone."""
     sizes = _size_symbols(gm)
     segments = segments_of(gm)
     blocks = {s: _block(gm, s, sizes) for s in segments if s.tag is not None}
-    occurrences = Counter(block.key for block in blocks.values())
-    repeated = {s: block for s, block in blocks.items() if occurrences[block.key] > 1}
+    if occurrences is None:
+        occurrences = Counter(block.key for block in blocks.values())
+    repeated = {s: block for s, block in blocks.items() if occurrences.get(block.key, 0) > 1}
     if not repeated:
         raise NoRepeatedBlocks(f"no block structure occurs twice among the graph's {len(blocks)} block(s)")
     for block in repeated.values():
@@ -128,11 +133,18 @@ def outline_blocks(gm: GraphModule) -> GraphModule:
     return GraphModule(root, graph)
 
 
+def block_structures(gm: GraphModule) -> Counter[Hashable]:
+    """How many blocks of each structure `gm` holds."""
+    sizes = _size_symbols(gm)
+    return Counter(_block(gm, s, sizes).key for s in segments_of(gm) if s.tag is not None)
+
+
 def _block(gm: GraphModule, segment: Segment, sizes: dict[Any, Node]) -> _Block:
-    kept, views = _peeled(segment)
+    kept, leading, views = _peeled(segment)
     inputs, outputs = _inputs(kept, sizes), _outputs(kept)
     graph = _subgraph(kept, inputs, outputs)
-    return _Block(kept, views, inputs, outputs, graph, structural_key(graph, [example_value(v) for v in inputs]))
+    return _Block(kept, leading, views, inputs, outputs, graph,
+                  structural_key(graph, [example_value(v) for v in inputs]))
 
 
 def segments_of(gm: GraphModule) -> list[Segment]:
@@ -182,9 +194,12 @@ def _check_writes_stay_inside(block: Segment) -> None:
         )
 
 
-def _peeled(block: Segment) -> tuple[Segment, tuple[Node, ...]]:
-    """The block without its trailing views, and those views (in graph order): view-like
-    ops and `getitem`s whose users all lie outside the block or are trailing views too."""
+def _peeled(block: Segment) -> tuple[Segment, tuple[Node, ...], tuple[Node, ...]]:
+    """The block without its leading and trailing views, and those views (each in graph
+    order). Trailing: view-like ops and `getitem`s whose users all lie outside the block or
+    are trailing views too. Leading: tensor views of values from outside the block, such as
+    the indexing of a rotary embedding that the partition hoists out of every block but the
+    first (which runs in the head): peeled, the first block has its followers' structure."""
     inside = set(block.nodes)
     peeled: set[Node] = set()
     for node in reversed(block.nodes):
@@ -193,8 +208,11 @@ def _peeled(block: Segment) -> tuple[Segment, tuple[Node, ...]]:
     for node in block.nodes:  # a subgraph returns tensors: a `split`'s tuple stays inside
         if node in peeled and any(v in inside and v not in peeled and not is_tensor(v) for v in node.all_input_nodes):
             peeled.discard(node)
-    kept = tuple(n for n in block.nodes if n not in peeled)
-    return Segment(block.name, block.tag, kept), tuple(n for n in block.nodes if n in peeled)
+    leading = {n for n in block.nodes if n not in peeled and is_view(n) and is_tensor(n)
+               and not any(v in inside for v in n.all_input_nodes)}
+    kept = tuple(n for n in block.nodes if n not in peeled and n not in leading)
+    return (Segment(block.name, block.tag, kept), tuple(n for n in block.nodes if n in leading),
+            tuple(n for n in block.nodes if n in peeled))
 
 
 def _check_fresh(block: _Block) -> None:
@@ -252,7 +270,9 @@ def _subgraph(segment: Segment, inputs: list[Node], outputs: list[Node]) -> Grap
 
 def _call(graph: Graph, kind: str, block: _Block, env: dict[Node, Node]) -> None:
     """Call subgraph `kind` on the block's inputs, bind each output to a `getitem` of the
-    call, then copy the block's trailing views."""
+    call, then copy the block's trailing views (its leading views go first)."""
+    for node in block.leading:
+        env[node] = graph.node_copy(node, env.__getitem__)
     subgraph = graph.get_attr(kind)
     call = graph.call_function(torch.ops.higher_order.invoke_subgraph,
                                (subgraph, kind, *(env[v] for v in block.inputs)))

@@ -1,0 +1,132 @@
+"""Block structures compiled once for all pieces, called through `wavepass.blocks`.
+
+The pass alone (`call_compiled_blocks`, with stand-in structures that run the block graph as
+it is, no Inductor) on random stacks: chains of blocks are single calls and the program
+equals the model. Through the backend: a second model of the same architecture calls the
+block graphs the first one compiled, each with its own weights; block graphs live as long
+as a compiled piece that calls them.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import torch
+import torch._dynamo
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch._dynamo.utils import counters
+
+import wavepass
+from test_compile_once import DEEP, call, deep_case
+from wavepass import block_op
+from wavepass.passes.call_compiled_blocks import blocks_called, call_compiled_blocks
+from wavepass.passes.fx_facts import example_value
+from wavepass.passes.outline_blocks import outline_blocks
+
+
+class Block(nn.Module):
+    """A residual block on one stream (`x`) or two (`x` and the text stream `c`)."""
+
+    def __init__(self, streams: int):
+        super().__init__()
+        self.streams = streams
+        self.scale = nn.Linear(4, 8)
+        self.mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
+
+    def forward(self, x, c, temb):
+        x = x + self.mlp(x * (1 + self.scale(temb)))
+        if self.streams == 2:
+            c = c + self.mlp(c) * 0.5
+        return x, c
+
+
+class Stack(nn.Module):
+    """Blocks with optional glue after each: `x * 0.5` breaks a chain of calls."""
+
+    def __init__(self, streams: int, glue: list[bool]):
+        super().__init__()
+        self.glue = glue
+        self.blocks = nn.ModuleList(Block(streams) for _ in glue)
+
+    def forward(self, x, c, temb):
+        for block, glue in zip(self.blocks, self.glue):
+            x, c = block(x, c, temb)
+            if glue:
+                x = x * 0.5
+        return x + c
+
+
+def dynamo_graph(model: nn.Module, *inputs) -> tuple[torch.fx.GraphModule, list]:
+    """Dynamo's graph of `model` and the inputs it passes the graph (weights included)."""
+    graphs = []
+    torch.compile(model, backend=lambda gm, example_inputs: graphs.append((gm, example_inputs)) or gm)(*inputs)
+    (graph,) = graphs
+    return graph
+
+
+def stand_in_structures(outlined: torch.fx.GraphModule) -> dict[str, block_op.Structure]:
+    """Each block graph registered as a structure that runs it as it is (a stand-in for its
+    Inductor compile, which the backend tests below exercise)."""
+    found = {}
+    for kind, subgraph in outlined.named_children():
+        (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
+        layouts = tuple((tuple(v.shape), tuple(v.stride()), v.dtype, v.device) for v in map(example_value, outputs))
+        name = f"stand_in_{id(subgraph)}"
+        found[kind] = block_op.register(block_op.Structure(name, subgraph.meta["structure"], subgraph, layouts))
+    return found
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(streams=st.sampled_from([1, 2]), glue=st.lists(st.booleans(), min_size=2, max_size=6), seed=st.integers(0, 2**16))
+def test_chains_of_blocks_are_one_call_and_equal_the_model(streams, glue, seed):
+    torch.manual_seed(seed)
+    model = Stack(streams, glue).eval()
+    inputs = (torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 4))
+    torch._dynamo.reset()
+    gm, graph_inputs = dynamo_graph(model, *inputs)
+    outlined = outline_blocks(gm)
+    structures = stand_in_structures(outlined)
+    rewritten = call_compiled_blocks(outlined, {kind: s.name for kind, s in structures.items()})
+    calls = rewritten.graph.find_nodes(op="call_function", target=block_op.BLOCKS)
+    (got,) = rewritten(*graph_inputs)
+    torch.testing.assert_close(got, model(*inputs))
+    chains = 1 + sum(glue[:-1])  # glue after a block ends its chain (after the last: no call follows)
+    assert len(calls) == chains
+    assert sum(map(blocks_called, calls)) == len(glue)
+    assert not list(rewritten.children()), "the block graphs are called by name, not held"
+
+
+def test_a_second_model_calls_the_block_graphs_of_the_first(caplog, no_fallback):
+    """Same architecture, other weights, compiled apart (other options): the block graphs
+    are compiled once, each model's results equal its eager model."""
+    first = deep_case("sd3")
+    second_model = copy.deepcopy(first.model)
+    with torch.no_grad():
+        for p in second_model.parameters():
+            p.mul_(1.5)
+    compiled_first = torch.compile(first.model, backend="wavespeed", options={"residual_diff_threshold": 0.0})
+    compiled_second = torch.compile(second_model, backend="wavespeed",
+                                    options={"residual_diff_threshold": 0.0, "warmup_steps": 1})
+    torch.testing.assert_close(call(first, compiled_first), call(first, first.model), atol=1e-4, rtol=1e-4)
+    graphs_of_first = counters["wavepass"]["block_graphs"]
+    torch.testing.assert_close(call(first, compiled_second), call(first, second_model), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(call(first, compiled_first), call(first, first.model), atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert graphs_of_first == DEEP["sd3"][4]
+    assert counters["wavepass"]["block_graphs"] == graphs_of_first
+
+
+def test_block_graphs_live_as_long_as_a_piece_that_calls_them(no_fallback):
+    case = deep_case("sd3")
+    compiled = torch.compile(case.model, backend="wavespeed", options={"residual_diff_threshold": 0.0})
+    call(case, compiled)
+    (program,) = wavepass.runtime.programs_of(case.model)
+    names = {s.name for piece in (program._head, program._rest) for s in piece.structures}
+    assert names and all(block_op.registered(name) for name in names)
+    del compiled, program
+    torch._dynamo.reset()
+    gc.collect()
+    assert not any(block_op.registered(name) for name in names)

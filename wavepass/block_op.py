@@ -1,0 +1,103 @@
+"""`torch.ops.wavepass.block`: call a block structure that was compiled once, on its own.
+
+    block(str name, Tensor[] operands) -> Tensor[]
+
+A piece that calls a structure through this operator does not lower the structure itself:
+Inductor emits one call of the operator per block (its fake outputs are the structure's
+recorded outputs), and the operator runs the structure's compiled code. So a structure that
+occurs in two pieces (FLUX's or SD3's block 0 in `head`, its other blocks in `rest`) is
+lowered and built once, and the pieces' AOTAutograd traces do not run the structure again
+per block. The cost is one operator dispatch per block and step (~15 us on this CPU).
+
+`name` is a hash of the structure's program, input layouts and Inductor options, so equal
+names are equal programs: a piece in Inductor's on-disk cache calls the structure by the
+same name in a new process. Structures are static: a structure whose sizes are symbolic
+is not called through this operator (Inductor's code for it could rest on facts about the
+symbols that only its own graph's guards check). Each compiled piece holds its structures
+(`Structure`); the registry only refers to them, so a structure lives as long as a piece
+that calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+_registry: weakref.WeakValueDictionary[str, Structure] = weakref.WeakValueDictionary()
+
+
+@dataclass(eq=False)
+class Structure:
+    """A compiled block structure (`key`: its `structural_key`): `run(*operands)` and its
+    outputs' (sizes, strides, dtype, device), all static."""
+
+    name: str
+    key: Hashable
+    run: Callable[..., Any]
+    outputs: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]
+
+
+def registered(name: str) -> Structure | None:
+    """The live structure registered under `name`, if any."""
+    return _registry.get(name)
+
+
+def register(structure: Structure) -> Structure:
+    """Make `structure` callable by its name; the caller keeps it alive."""
+    _registry[structure.name] = structure
+    return structure
+
+
+def run_blocks(name: str, carry: Sequence[int], operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Run structure `name` on `operands[:len(carry)]`, then once more per further
+    `operands` group, each time with input i the previous run's output `carry[i]` (or, where
+    that is -1, the group's next operand); return the last run's outputs."""
+    run = _registry[name].run
+    outputs = run(*operands[: len(carry)])
+    fresh = [position for position, source in enumerate(carry) if source < 0]
+    for start in range(len(carry), len(operands), len(fresh)):
+        args = [outputs[source] if source >= 0 else None for source in carry]
+        for position, operand in zip(fresh, operands[start : start + len(fresh)]):
+            args[position] = operand
+        outputs = run(*args)
+    return list(outputs)
+
+
+_library = torch.library.Library("wavepass", "DEF")
+_library.define("blocks(str name, int[] carry, Tensor[] operands) -> Tensor[]")
+_library.impl("blocks", run_blocks, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("wavepass::blocks", lib=_library)
+def _blocks_fake(name: str, carry: Sequence[int], operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [torch.empty_strided(sizes, strides, dtype=dtype, device=device)
+            for sizes, strides, dtype, device in _registry[name].outputs]
+
+
+BLOCKS = torch.ops.wavepass.blocks.default
+
+
+@functools.cache
+def call_directly_from_inductor() -> None:
+    """Make Inductor's Python wrapper call `run_blocks` itself where a graph calls
+    `wavepass.blocks`: the dispatcher would convert every operand (a block's weights
+    included) on the way in and out, ~1.4 us per tensor here, more than the rest of a call."""
+    try:
+        from torch._inductor.codegen.custom_extern_kernel_codegen import (
+            CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen,
+        )
+    except ImportError:  # another torch: the generated code goes through the dispatcher
+        return
+    from torch._inductor.virtualized import V
+
+    def python(node: Any, writeline: Callable[[str], None]) -> None:
+        V.graph.wrapper_code.add_import_once(f"from {__name__} import run_blocks as wavepass_run_blocks")
+        args = ", ".join([*node.codegen_args(), *node.codegen_kwargs()])
+        writeline(f"{node.get_name()} = wavepass_run_blocks({args})")
+
+    CUSTOM_EXTERN_KERNEL_CODEGEN[f"torch.ops.{BLOCKS.namespace}.{BLOCKS.__name__}"] = CustomCodegen(python=python)

@@ -1,0 +1,119 @@
+"""Call block structures compiled on their own instead of lowering them inside the piece.
+
+`outline_blocks` leaves each repeated block as an `invoke_subgraph` call of its structure's
+subgraph, which Inductor lowers inside the piece. This pass turns the calls of the given
+structures into calls of `torch.ops.wavepass.block` (`wavepass/block_op.py`), which runs a
+structure compiled once for every piece: the piece no longer holds the subgraph.
+
+    before (e.g. `head`, whose block 0 has the        after
+    structure of `rest`'s blocks)
+    ----------------------------------------------   ------------------------------------------
+    block_kind_0 = get_attr[block_kind_0]            b0 = wavepass.block("wp_3f2a...",
+    b0 = invoke_subgraph(block_kind_0, "block_kind_0",                   [img, txt, temb, w0a, w0b])
+                         img, txt, temb, w0a, w0b)   img1 = b0[0]
+    img1 = b0[0]                                     txt1 = b0[1]
+    txt1 = b0[1]
+
+Only static structures qualify (`is_static`): tensor operands and outputs whose sizes and
+strides are plain integers. The calls of other structures, and everything else, are copied
+as they are. The input graph is not changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.experimental.symbolic_shapes import free_symbols
+
+from ..block_op import BLOCKS
+from .fx_facts import example_value, is_inplace
+
+INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
+
+
+def call_compiled_blocks(gm: GraphModule, names: Mapping[str, str]) -> GraphModule:
+    """`gm` with the calls of each subgraph attribute `kind` in `names` made calls of
+    `wavepass.blocks(names[kind], carry, operands)`, a chain of calls one call (`_chains`);
+    the called attributes are dropped."""
+    chains = _chains(gm, names)
+    folded = {n for chain in chains.values() for call in chain[:-1] for n in (call, *call.users)}
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    for node in gm.graph.nodes:
+        if node in folded or (node.op == "get_attr" and node.target in names):
+            continue
+        if node in chains:
+            first, *later = chains[node]
+            carry = _carry(first, later[0]) if later else [-1] * (len(first.args) - 2)
+            operands = [env[arg] for arg in first.args[2:]]
+            for call in later:
+                operands += [env[arg] for arg, source in zip(call.args[2:], carry) if source < 0]
+            env[node] = graph.call_function(BLOCKS, (names[_called_kind(node)], carry, operands))
+            env[node].meta = dict(node.meta)
+        else:
+            env[node] = graph.node_copy(node, env.__getitem__)
+    graph.lint()
+    return GraphModule(gm, graph)  # copies only the attributes `graph` still reads
+
+
+def blocks_called(node: Node) -> int:
+    """How many blocks a `wavepass.blocks` call runs."""
+    _, carry, operands = node.args
+    fresh = sum(source < 0 for source in carry)
+    return 1 + (len(operands) - len(carry)) // fresh
+
+
+def _chains(gm: GraphModule, names: Mapping[str, str]) -> dict[Node, list[Node]]:
+    """The calls of `names`' kinds grouped into chains, by each chain's last call. A call
+    joins the chain of the call before it when both call one kind, the earlier call's outputs
+    feed the later call alone, at the same operand positions as along the rest of the chain,
+    and nothing between the two writes in place: so the chain can run where its last call
+    is, each call on the previous call's outputs."""
+    chains: list[list[Node]] = []
+    between: list[Node] = []
+    for node in gm.graph.nodes:
+        if _called_kind(node) not in names:
+            between.append(node)
+            continue
+        chain = chains[-1] if chains else None
+        if chain is not None and _continues(chain, node, between):
+            chain.append(node)
+        else:
+            chains.append([node])
+        between = []
+    return {chain[-1]: chain for chain in chains}
+
+
+def _continues(chain: list[Node], call: Node, between: list[Node]) -> bool:
+    last = chain[-1]
+    carry = _carry(last, call)
+    return (_called_kind(last) == _called_kind(call)
+            and all(user.target is operator.getitem and set(user.users) <= {call} for user in last.users)
+            and any(source >= 0 for source in carry) and any(source < 0 for source in carry)
+            and (len(chain) == 1 or carry == _carry(chain[0], chain[1]))
+            and not any(is_inplace(node) for node in between))
+
+
+def _carry(call: Node, after: Node) -> list[int]:
+    """For each operand of `after`: the output of `call` it is, or -1."""
+    return [arg.args[1] if isinstance(arg, Node) and arg.target is operator.getitem and arg.args[0] is call
+            else -1 for arg in after.args[2:]]
+
+
+def is_static(subgraph: GraphModule) -> bool:
+    """Tensor operands and outputs, none with a symbolic size, stride or offset."""
+    placeholders = subgraph.graph.find_nodes(op="placeholder")
+    (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
+    values = [example_value(n) for n in (*placeholders, *outputs)]
+    return all(isinstance(v, torch.Tensor) for v in values) and not free_symbols(values)
+
+
+def _called_kind(node) -> str | None:
+    if node.op == "call_function" and node.target is INVOKE_SUBGRAPH:
+        return node.args[0].target
+    return None
+
