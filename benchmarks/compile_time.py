@@ -17,11 +17,17 @@ Each configuration of each model is measured in subprocesses of its own (a fresh
              resolution. Compiled without `dynamic=` (torch's default), so the second
              resolution makes Dynamo recompile once with dynamic sizes, which the third
              reuses; every other recompile counts against the configuration;
-* steady  -- one subprocess per model that loads all configurations from the warm cache and
+* steady  -- a subprocess per model that loads all configurations from the warm cache and
              times them interleaved (config A, B, C, A, B, C, ...): median time per call over
-             `--steps` calls, `--repeats` times, median of the medians. Interleaving puts
-             every configuration under the same machine load, so the ratios hold to a
-             percent or two where separate runs drift by several.
+             `--steps` calls, `--repeats` times; run twice, the configurations loaded in
+             opposite orders (the order a process builds its models in moves a model's step
+             time by a few percent here), median of all the medians. Interleaving puts
+             every configuration under the same machine load.
+
+Cold and warm compiles are measured `--compile-runs` times (default 3), the configurations
+interleaved, each in a fresh subprocess (cold: on a fresh folder), and the median is
+reported: on this shared 2-core machine one cold compile varies by 10-20% between runs. The
+session is counted on the first warm run.
 
 The warm cache folder is the union of the configurations' cold folders (Inductor's cache
 entries are named by content hashes, so they merge without conflicts). `wavespeed` runs
@@ -142,7 +148,7 @@ def child(kind: str, model_name: str, configs: list[str], quick: bool, steps: in
         result = {"first_call_s": timed(lambda: fn(**call)), "vec_isa_probe_s": probe_s,
                   "dynamo_tracing_s": sum(compilation_time_metrics.get("bytecode_tracing", [])),
                   "wavepass": dict(counters["wavepass"])}
-        if kind == "warm":
+        if kind == "warm":  # "first": the first call only
             before = counters["stats"]["unique_graphs"]
             try:
                 result["session_s"] = timed(lambda: run_session(name, model, fn))
@@ -159,7 +165,8 @@ def _probe_vec_isa() -> None:
 
 
 def steady(name: str, sizes: dict, configs: list[str], call: dict, steps: int, repeats: int) -> dict:
-    """ms per call of each configuration, timed interleaved (see the module docstring)."""
+    """ms per call of each configuration, timed interleaved: the median of each repeat (see
+    the module docstring)."""
     fns = {}
     for config in configs:
         fns[config] = compiled(build(name, sizes), config)
@@ -171,8 +178,8 @@ def steady(name: str, sizes: dict, configs: list[str], call: dict, steps: int, r
             for config, fn in fns.items():
                 times[config].append(timed(lambda: fn(**call)))
         for config in configs:
-            medians[config].append(statistics.median(times[config]))
-    return {config: 1000 * statistics.median(m) for config, m in medians.items()}
+            medians[config].append(1000 * statistics.median(times[config]))
+    return medians
 
 
 def run_session(name: str, model: torch.nn.Module, fn) -> None:
@@ -203,26 +210,42 @@ def measure(args) -> dict:
         rows = results["models"][model_name] = {}
         with tempfile.TemporaryDirectory(prefix=f"wavepass-{model_name}-") as work:
             warm_dir = os.path.join(work, "warm")
-            for config in CONFIGS:
-                cold_dir = os.path.join(work, config)
-                cold = spawn("cold", model_name, [config], cold_dir, args)
-                shutil.copytree(cold_dir, warm_dir, dirs_exist_ok=True)
-                rows[config] = {"cold_compile_s": cold["first_call_s"], "vec_isa_probe_s": cold["vec_isa_probe_s"],
-                                "dynamo_tracing_s": cold["dynamo_tracing_s"], "wavepass": cold["wavepass"]}
-                print(f"{model_name:8s} {config:16s} cold {cold['first_call_s']:.1f} s", file=sys.stderr, flush=True)
-            for config in CONFIGS:
-                warm = spawn("warm", model_name, [config], warm_dir, args)
-                rows[config].update(warm_compile_s=warm["first_call_s"], session_new_graphs=warm["session_new_graphs"],
-                                    session_s=warm.get("session_s"), session_error=warm.get("session_error"))
-            steady_ms = spawn("steady", model_name, list(CONFIGS), warm_dir, args)
+            colds: dict[str, list[dict]] = {config: [] for config in CONFIGS}
+            for run in range(args.compile_runs):  # configs interleaved: A, B, C, A, B, C, ...
+                for config in CONFIGS:
+                    cold_dir = os.path.join(work, f"{config}-{run}")
+                    colds[config].append(spawn("cold", model_name, [config], cold_dir, args))
+                    shutil.copytree(cold_dir, warm_dir, dirs_exist_ok=True)
+                    shutil.rmtree(cold_dir)
+                    print(f"{model_name:8s} {config:16s} cold {colds[config][-1]['first_call_s']:.1f} s",
+                          file=sys.stderr, flush=True)
+            for config, runs in colds.items():
+                rows[config] = {"cold_compile_s": _median(runs, "first_call_s"),
+                                "cold_compile_runs_s": [r["first_call_s"] for r in runs],
+                                "vec_isa_probe_s": _median(runs, "vec_isa_probe_s"),
+                                "dynamo_tracing_s": _median(runs, "dynamo_tracing_s"), "wavepass": runs[0]["wavepass"]}
+            warms: dict[str, list[dict]] = {config: [] for config in CONFIGS}
+            for run in range(args.compile_runs):
+                for config in CONFIGS:
+                    warms[config].append(spawn("warm" if run == 0 else "first", model_name, [config], warm_dir, args))
+            for config, (session, *_) in warms.items():
+                rows[config].update(warm_compile_s=_median(warms[config], "first_call_s"),
+                                    warm_compile_runs_s=[r["first_call_s"] for r in warms[config]],
+                                    session_new_graphs=session["session_new_graphs"],
+                                    session_s=session.get("session_s"), session_error=session.get("session_error"))
+            steadies = [spawn("steady", model_name, list(order), warm_dir, args) for order in (CONFIGS, CONFIGS[::-1])]
         base = rows["inductor"]
         for config, row in rows.items():
-            row["ms_per_step"] = steady_ms[config]
+            row["ms_per_step"] = statistics.median(m for steady in steadies for m in steady[config])
             row["cold_vs_inductor"] = row["cold_compile_s"] / base["cold_compile_s"]
-            row["step_vs_inductor"] = row["ms_per_step"] / steady_ms["inductor"]
+            row["step_vs_inductor"] = row["ms_per_step"] / base["ms_per_step"]
             print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
     results["load_after"] = os.getloadavg()
     return results
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
 
 
 def markdown(results: dict) -> str:
@@ -280,6 +303,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help=f"default: all of {sorted(MODELS)} ({sorted(QUICK)} with --quick)")
     parser.add_argument("--steps", type=int, default=10, help="timed calls per repeat")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile-runs", type=int, default=3,
+                        help="cold and warm compiles per config (median reported)")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--md", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH", help="PNG of cold compile time against depth (matplotlib)")

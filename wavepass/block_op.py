@@ -1,13 +1,15 @@
-"""`torch.ops.wavepass.block`: call a block structure that was compiled once, on its own.
+"""`torch.ops.wavepass.blocks`: run a block structure that was compiled once, on its own.
 
-    block(str name, Tensor[] operands) -> Tensor[]
+    blocks(str name, int[] carry, Tensor[] operands) -> Tensor[]
 
 A piece that calls a structure through this operator does not lower the structure itself:
-Inductor emits one call of the operator per block (its fake outputs are the structure's
-recorded outputs), and the operator runs the structure's compiled code. So a structure that
-occurs in two pieces (FLUX's or SD3's block 0 in `head`, its other blocks in `rest`) is
-lowered and built once, and the pieces' AOTAutograd traces do not run the structure again
-per block. The cost is one operator dispatch per block and step (~15 us on this CPU).
+Inductor emits one call per chain of blocks (its fake outputs are the structure's recorded
+outputs), and the call runs the structure's compiled code once per block. So a structure
+that occurs in two pieces (FLUX's or SD3's block 0 in `head`, the other blocks of its stack
+in `rest`) is lowered and built once, and the pieces' AOTAutograd traces do not run the
+structure again per block. A chain: the first block takes `operands[:len(carry)]`; each
+further block takes, at input i, output `carry[i]` of the block before it, or where that is
+-1 the next of its own operands (its weights, the shared conditioning).
 
 `name` is a hash of the structure's program, input layouts and Inductor options, so equal
 names are equal programs: a piece in Inductor's on-disk cache calls the structure by the
@@ -54,10 +56,11 @@ def register(structure: Structure) -> Structure:
 
 
 def run_blocks(name: str, carry: Sequence[int], operands: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Run structure `name` on `operands[:len(carry)]`, then once more per further
-    `operands` group, each time with input i the previous run's output `carry[i]` (or, where
-    that is -1, the group's next operand); return the last run's outputs."""
+    """Run a chain of blocks of structure `name` (see the module docstring); return the last
+    block's outputs."""
     run = _registry[name].run
+    if len(operands) == len(carry):  # one block
+        return list(run(*operands))
     outputs = run(*operands[: len(carry)])
     fresh = [position for position, source in enumerate(carry) if source < 0]
     for start in range(len(carry), len(operands), len(fresh)):

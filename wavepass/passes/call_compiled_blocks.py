@@ -2,28 +2,32 @@
 
 `outline_blocks` leaves each repeated block as an `invoke_subgraph` call of its structure's
 subgraph, which Inductor lowers inside the piece. This pass turns the calls of the given
-structures into calls of `torch.ops.wavepass.block` (`wavepass/block_op.py`), which runs a
-structure compiled once for every piece: the piece no longer holds the subgraph.
+structures into calls of `torch.ops.wavepass.blocks` (`wavepass/block_op.py`), which runs a
+structure compiled once for every piece: the piece no longer holds the subgraph. A chain of
+calls, each block's outputs feeding only the next block, becomes one call.
 
-    before (e.g. `head`, whose block 0 has the        after
-    structure of `rest`'s blocks)
-    ----------------------------------------------   ------------------------------------------
-    block_kind_0 = get_attr[block_kind_0]            b0 = wavepass.block("wp_3f2a...",
-    b0 = invoke_subgraph(block_kind_0, "block_kind_0",                   [img, txt, temb, w0a, w0b])
-                         img, txt, temb, w0a, w0b)   img1 = b0[0]
-    img1 = b0[0]                                     txt1 = b0[1]
-    txt1 = b0[1]
+    before (`rest` of SD3: blocks 1 and 2)            after
+    ------------------------------------------------  -----------------------------------------
+    b1 = invoke_subgraph(block_kind_0, "block_kind_0",  b2 = wavepass.blocks("wp_3f2a...",
+                         img, temb, txt, w1a, w1b)              carry=[0, -1, 1, -1, -1],
+    img1 = b1[0]                                                [img, temb, txt, w1a, w1b,
+    txt1 = b1[1]                                                 temb, w2a, w2b])
+    b2 = invoke_subgraph(block_kind_0, "block_kind_0",  img2 = b2[0]
+                         img1, temb, txt1, w2a, w2b)    txt2 = b2[1]
+    img2 = b2[0]
+    txt2 = b2[1]
 
-Only static structures qualify (`is_static`): tensor operands and outputs whose sizes and
-strides are plain integers. The calls of other structures, and everything else, are copied
-as they are. The input graph is not changed.
+`carry[i]` is the output of the block before that a block takes as input i, or -1 where
+the block takes its own operand (listed after the first block's, in order). Only static
+structures qualify (`is_static`): tensor operands and outputs whose sizes and strides are
+plain integers. The calls of other structures, and everything else, are copied as they
+are. The input graph is not changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import operator
+from collections.abc import Mapping
 
 import torch
 from torch.fx import Graph, GraphModule, Node
