@@ -73,9 +73,9 @@ def stand_in_structures(outlined: torch.fx.GraphModule) -> dict[str, block_op.St
     found = {}
     for kind, subgraph in outlined.named_children():
         (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
-        layouts = tuple((tuple(v.shape), tuple(v.stride()), v.dtype, v.device) for v in map(example_value, outputs))
         name = f"stand_in_{id(subgraph)}"
-        found[kind] = block_op.register(block_op.Structure(name, subgraph.meta["structure"], subgraph, layouts))
+        found[kind] = block_op.register(block_op.Structure(name, subgraph.meta["structure"], subgraph,
+                                                           block_op.layouts(map(example_value, outputs))))
     return found
 
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
 _registry: weakref.WeakValueDictionary[str, Structure] = weakref.WeakValueDictionary()
 
 
@@ -41,7 +42,12 @@ class Structure:
     name: str
     key: Hashable
     run: Callable[..., Any]
-    outputs: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device], ...]
+    outputs: tuple[Layout, ...]
+
+
+def layouts(values: Iterable[torch.Tensor]) -> tuple[Layout, ...]:
+    """(sizes, strides, dtype, device) of each of `values`, as `Structure.outputs` holds them."""
+    return tuple((tuple(v.shape), tuple(v.stride()), v.dtype, v.device) for v in values)
 
 
 def registered(name: str) -> Structure | None:

@@ -36,7 +36,7 @@ from torch._guards import TracingContext, tracing
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import GraphModule
 
-from .block_op import BLOCKS, Structure, call_directly_from_inductor, register, registered
+from .block_op import BLOCKS, Structure, call_directly_from_inductor, layouts, register, registered
 from .options import CacheOptions
 from .passes.call_compiled_blocks import blocks_called, call_compiled_blocks, is_static
 from .passes.errors import CannotCache
@@ -192,11 +192,9 @@ def _compile_structure(name: str, key: Hashable, subgraph: GraphModule, patches:
     inputs = [example_value(p) for p in subgraph.graph.find_nodes(op="placeholder")]
     (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
     run = _inductor(subgraph, inputs, patches, _fake_mode_of(inputs), options)
-    layouts = tuple((tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
-                    for v in map(example_value, outputs))
     log.info("wavespeed: compiled block structure %s (%d nodes) in %.1f s", name,
              len(subgraph.graph.nodes), time.perf_counter() - started)
-    return register(Structure(name, key, run, layouts))
+    return register(Structure(name, key, run, layouts(map(example_value, outputs))))
 
 
 @dataclass(frozen=True)

@@ -120,4 +120,3 @@ def _called_kind(node) -> str | None:
     if node.op == "call_function" and node.target is INVOKE_SUBGRAPH:
         return node.args[0].target
     return None
-
