@@ -88,13 +88,18 @@ _sessions: weakref.WeakKeyDictionary[FakeTensorMode, CompileSession] = weakref.W
 
 def compile_pieces(pieces: Sequence[tuple[str, GraphModule, Sequence[Any]]], options: CacheOptions,
                    mode: str | None = None) -> list[Callable[..., Any]]:
-    """Compile the (name, graph, example inputs) pieces of one Dynamo graph, in order. A block
-    structure that occurs in more than one piece, even once in each, is compiled once."""
+    """Compile the (name, graph, example inputs) pieces of one Dynamo graph; return them in
+    order. A block structure that occurs in more than one piece, even once in each, is
+    compiled once. The largest piece is compiled first: its C++ kernels, the most, build in
+    the background (`cpp_bundle`) while the smaller pieces are lowered."""
     occurrences: Counter[Hashable] = Counter()
     if options.outline_blocks:
         for _, gm, _ in pieces:
             occurrences += _structures_in(gm)
-    return [compile_graph(gm, inputs, options, mode, name, occurrences) for name, gm, inputs in pieces]
+    largest_first = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][1].graph.nodes))
+    compiled = {i: compile_graph(pieces[i][1], pieces[i][2], options, mode, pieces[i][0], occurrences)
+                for i in largest_first}
+    return [compiled[i] for i in range(len(pieces))]
 
 
 def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
