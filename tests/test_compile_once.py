@@ -33,14 +33,15 @@ from wavepass.passes.outline_blocks import outline_blocks
 # Why the structures differ:
 # FLUX: dual blocks 0-2 match (block 0 runs in the head; its indexing of the rotary
 # embedding, which the partition hoists out of the later blocks, is peeled off as glue);
-# single block 0 reads the dual stack's contiguous text stream, the later ones a slice of a
-# concatenation (other strides); singles 1-3 match (each ends in two slices, which stay
-# outside the subgraph, so the last block's unused text slice makes no difference): block
-# graphs for duals 0-2 and singles 1-3. SD3 (no rotary embedding): blocks 0-2 match (block
-# 0 in the head calls the block graph of 1-2 in `rest`); the last block is
-# `context_pre_only` (no text output).
+# single block 0 reads the dual stack's two contiguous outputs, the later ones two slices of
+# one tensor, which differ only where the structure leaves layouts out (the stride of the
+# batch dimension, of size 1, and the storage offset), so singles 0-3 match (each ends in
+# two slices, which stay outside the subgraph, so the last block's unused text slice makes
+# no difference): block graphs for duals 0-2 and singles 0-3. SD3 (no rotary embedding):
+# blocks 0-2 match (block 0 in the head calls the block graph of 1-2 in `rest`); the last
+# block is `context_pre_only` (no text output).
 DEEP = {
-    "flux": (models.flux, dict(num_layers=3, num_single_layers=4), 7, 6, 2),
+    "flux": (models.flux, dict(num_layers=3, num_single_layers=4), 7, 7, 2),
     "sd3": (models.sd3, dict(num_layers=4), 4, 3, 1),
 }
 INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph

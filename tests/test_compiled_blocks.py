@@ -24,7 +24,7 @@ from test_compile_once import DEEP, call, deep_case
 from wavepass import block_op
 from wavepass.passes.call_compiled_blocks import blocks_called, call_compiled_blocks
 from wavepass.passes.fx_facts import example_value
-from wavepass.passes.outline_blocks import outline_blocks
+from wavepass.passes.outline_blocks import outline_blocks, structural_key
 
 
 class Block(nn.Module):
@@ -130,3 +130,25 @@ def test_block_graphs_live_as_long_as_a_piece_that_calls_them(no_fallback):
     torch._dynamo.reset()
     gc.collect()
     assert not any(block_op.registered(name) for name in names)
+
+
+def _key(fn, *inputs):
+    return structural_key(torch.fx.symbolic_trace(fn).graph, inputs)
+
+
+def test_a_structure_leaves_out_layout_facts_inductor_never_reads():
+    """The stride of a dimension of size 1 and the storage offset do not separate two blocks
+    (FLUX's first single block reads contiguous tensors, the later ones slices of one); the
+    stride of a larger dimension does, and so does the offset where the block calls
+    `as_strided`, which addresses its input's storage from the start."""
+    def block(x):
+        return torch.relu(x) * 2
+
+    def strided(x):
+        return x.as_strided((3, 4), (4, 1), 0) * 2
+
+    contiguous, joined = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
+    assert _key(block, contiguous) == _key(block, joined[:, 2:])
+    assert _key(block, torch.randn(2, 3, 4)) != _key(block, torch.randn(2, 5, 4)[:, 2:])
+    assert _key(strided, contiguous) != _key(strided, joined[:, 2:])
+    assert _key(strided, contiguous) == _key(strided, joined[:, :3])  # same offset, size-1 stride

@@ -288,15 +288,23 @@ def structural_key(graph: Graph, example_inputs: Sequence[Any]) -> Hashable:
     """Equal keys: the same program on inputs of the same layout, so one subgraph serves
     both. Ops, targets and constant arguments are compared with node references numbered
     by position (placeholder names, which name the weights, are left out); inputs by sizes,
-    strides and storage offset (symbolic ones by expression), dtype, device and
-    `requires_grad`."""
+    strides (symbolic ones by expression), dtype, device and `requires_grad`.
+
+    Two facts of a layout that Inductor's code for a graph never reads are left out, so
+    FLUX's first single block, which reads the dual stack's two contiguous outputs, shares
+    the structure of the later ones, which read two slices of one tensor: the stride of a
+    dimension of size 1 (Inductor's indexing skips it) and the storage offset (the code gets
+    each input's pointer, which includes it; on GPU, an input that the code assumes aligned
+    is checked and copied on every call). A block that calls `as_strided` can address its
+    input's storage from the start, so its inputs' offsets count."""
     number = {node: f"%{i}" for i, node in enumerate(graph.nodes)}
     ops = tuple(
         (node.op, "" if node.op == "placeholder" else _target_name(node.target),
          repr(map_arg((node.args, node.kwargs), number.__getitem__)))
         for node in graph.nodes
     )
-    return ops, tuple(_layout(x) for x in example_inputs)
+    offsets = any("as_strided" in op[1] for op in ops)
+    return ops, tuple(_layout(x, offsets) for x in example_inputs)
 
 
 def _target_name(target: Any) -> str:
@@ -308,8 +316,9 @@ def _target_name(target: Any) -> str:
     return f"{getattr(target, '__module__', '')}.{target.__qualname__}"
 
 
-def _layout(value: Any) -> Hashable:
+def _layout(value: Any, offset: bool) -> Hashable:
     if isinstance(value, torch.Tensor):
-        return (tuple(map(str, value.shape)), tuple(map(str, value.stride())),
-                str(value.storage_offset()), value.dtype, value.device, value.requires_grad)
+        strides = tuple("-" if str(size) == "1" else str(stride) for size, stride in zip(value.shape, value.stride()))
+        return (tuple(map(str, value.shape)), strides, str(value.storage_offset()) if offset else "-",
+                value.dtype, value.device, value.requires_grad)
     return type(value).__name__, str(value)
