@@ -18,11 +18,15 @@ Each configuration of each model is measured in subprocesses of its own (a fresh
              resolution makes Dynamo recompile once with dynamic sizes, which the third
              reuses; every other recompile counts against the configuration;
 * steady  -- a subprocess per model that loads all configurations from the warm cache and
-             times them interleaved (config A, B, C, A, B, C, ...): median time per call over
-             `--steps` calls, `--repeats` times; run twice, the configurations loaded in
-             opposite orders (the order a process builds its models in moves a model's step
-             time by a few percent here), median of all the medians. Interleaving puts
-             every configuration under the same machine load.
+             times them in turns: `--steps` calls of A in a row, as a sampler calls its model,
+             then of B, then of C, and again, `--repeats` rounds; each turn gives the median
+             of its calls, and each round a ratio to Inductor's turn in it. Run twice, the
+             configurations loaded in opposite orders (the order a process builds its models
+             in moves a model's step time by a few percent here): ms per step is the median
+             of all turns, the ratio to Inductor the median of all rounds' ratios. Turns put
+             every configuration under the same machine load, which drifts by more than 5%
+             over a minute here; calls alternating one by one would instead measure how fast
+             each model recovers its CPU caches from the other two's calls.
 
 Cold and warm compiles are measured `--compile-runs` times (default 3), the configurations
 interleaved, each in a fresh subprocess (cold: on a fresh folder), and the median is
@@ -165,20 +169,16 @@ def _probe_vec_isa() -> None:
 
 
 def steady(name: str, sizes: dict, configs: list[str], call: dict, steps: int, repeats: int) -> dict:
-    """ms per call of each configuration, timed interleaved: the median of each repeat (see
-    the module docstring)."""
+    """ms per call of each configuration, timed in turns: the median of each turn, by round
+    (see the module docstring)."""
     fns = {}
     for config in configs:
         fns[config] = compiled(build(name, sizes), config)
         fns[config](**call)
     medians: dict[str, list[float]] = {config: [] for config in configs}
     for _ in range(repeats):
-        times: dict[str, list[float]] = {config: [] for config in configs}
-        for _ in range(steps):
-            for config, fn in fns.items():
-                times[config].append(timed(lambda: fn(**call)))
-        for config in configs:
-            medians[config].append(1000 * statistics.median(times[config]))
+        for config, fn in fns.items():
+            medians[config].append(1000 * statistics.median(timed(lambda: fn(**call)) for _ in range(steps)))
     return medians
 
 
@@ -238,7 +238,8 @@ def measure(args) -> dict:
         for config, row in rows.items():
             row["ms_per_step"] = statistics.median(m for steady in steadies for m in steady[config])
             row["cold_vs_inductor"] = row["cold_compile_s"] / base["cold_compile_s"]
-            row["step_vs_inductor"] = row["ms_per_step"] / base["ms_per_step"]
+            row["step_vs_inductor"] = statistics.median(
+                mine / theirs for steady in steadies for mine, theirs in zip(steady[config], steady["inductor"]))
             print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
     results["load_after"] = os.getloadavg()
     return results
@@ -301,8 +302,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small models (development)")
     parser.add_argument("--models", nargs="+", help=f"default: all of {sorted(MODELS)} ({sorted(QUICK)} with --quick)")
-    parser.add_argument("--steps", type=int, default=10, help="timed calls per repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="timed calls in a row per turn")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds of turns")
     parser.add_argument("--compile-runs", type=int, default=3,
                         help="cold and warm compiles per config (median reported)")
     parser.add_argument("--json", metavar="PATH")
