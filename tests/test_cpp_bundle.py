@@ -8,6 +8,10 @@ fails, is built Inductor's way; a warm start builds nothing.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -147,3 +151,18 @@ def test_the_bundle_is_active_only_inside_the_context():
             pass
         assert torch._inductor.async_compile.AsyncCompile.cpp_pybinding is not original
     assert torch._inductor.async_compile.AsyncCompile.cpp_pybinding is original
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nice values are per thread on Linux only")
+def test_builds_and_their_compilers_run_below_the_lowering():
+    """Bundle builds run at a lower priority than the thread that lowers the next piece, and
+    so does every process a build thread starts (the compiler); the main thread keeps its."""
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    build_thread = cpp_bundle._builders().submit(
+        lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    compiler = cpp_bundle._builders().submit(
+        lambda: subprocess.run([sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"],
+                               capture_output=True, text=True, check=True).stdout)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
+    assert build_thread == min(19, main + cpp_bundle._BUILD_NICENESS) > main
+    assert int(compiler.result()) == build_thread

@@ -170,9 +170,10 @@ def _yield_to_lowering() -> None:
     many builds as cores, an equal share slowed the lowering by a third here (2 cores), and
     the builds had to wait for it anyway. Elsewhere (macOS: per process) nothing changes."""
     if sys.platform.startswith("linux"):
+        thread = threading.get_native_id()
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BUILD_NICENESS)
-        except OSError:  # a sandbox without setpriority: builds keep the default priority
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + _BUILD_NICENESS))
+        except OSError:  # a sandbox without setpriority: builds keep the process's priority
             pass
 
 
