@@ -167,8 +167,8 @@ def _yield_to_lowering() -> None:
     """Lower this build thread's priority, and so its compilers' (Linux: a nice value is per
     thread, and a process started from a thread inherits it). A build runs while the next
     piece is lowered in the main thread, which is what the whole compile waits on: with as
-    many builds as cores, an equal share slowed the lowering by a third here (2 cores), and
-    the builds had to wait for it anyway. Elsewhere (macOS: per process) nothing changes."""
+    many builds as cores (2 here), an equal share slowed the lowering of SD3-12's pieces
+    from 5.1 s to 6.2 s. Elsewhere (macOS: per process) nothing changes."""
     if sys.platform.startswith("linux"):
         thread = threading.get_native_id()
         try:
