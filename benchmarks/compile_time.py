@@ -26,7 +26,13 @@ Each configuration of each model is measured in subprocesses of its own (a fresh
              of all turns, the ratio to Inductor the median of all rounds' ratios. Turns put
              every configuration under the same machine load, which drifts by more than 5%
              over a minute here; calls alternating one by one would instead measure how fast
-             each model recovers its CPU caches from the other two's calls.
+             each model recovers its CPU caches from the other two's calls. The same is
+             reported for each turn's fastest call: interference here only adds time (a
+             turn's median moved between 5.8 and 8.1 ms for one configuration, and so did the
+             thread's CPU time), so the fastest calls show a model's own cost most closely.
+
+`--steps-again` measures the per-step times again for the models of an earlier `--json`
+result and keeps its compile measurements (after a change of the per-step protocol alone).
 
 Cold and warm compiles are measured `--compile-runs` times (default 3), the configurations
 interleaved, each in a fresh subprocess (cold: on a fresh folder), and the median is
@@ -169,17 +175,19 @@ def _probe_vec_isa() -> None:
 
 
 def steady(name: str, sizes: dict, configs: list[str], call: dict, steps: int, repeats: int) -> dict:
-    """ms per call of each configuration, timed in turns: the median of each turn, by round
-    (see the module docstring)."""
+    """ms per call of each configuration, timed in turns: each turn's median and fastest
+    call, by round (see the module docstring)."""
     fns = {}
     for config in configs:
         fns[config] = compiled(build(name, sizes), config)
         fns[config](**call)
-    medians: dict[str, list[float]] = {config: [] for config in configs}
+    turns: dict[str, dict[str, list[float]]] = {"median": {c: [] for c in configs}, "best": {c: [] for c in configs}}
     for _ in range(repeats):
         for config, fn in fns.items():
-            medians[config].append(1000 * statistics.median(timed(lambda: fn(**call)) for _ in range(steps)))
-    return medians
+            times = [1000 * timed(lambda: fn(**call)) for _ in range(steps)]
+            turns["median"][config].append(statistics.median(times))
+            turns["best"][config].append(min(times))
+    return turns
 
 
 def run_session(name: str, model: torch.nn.Module, fn) -> None:
@@ -233,16 +241,50 @@ def measure(args) -> dict:
                                     warm_compile_runs_s=[r["first_call_s"] for r in warms[config]],
                                     session_new_graphs=session["session_new_graphs"],
                                     session_s=session.get("session_s"), session_error=session.get("session_error"))
-            steadies = [spawn("steady", model_name, list(order), warm_dir, args) for order in (CONFIGS, CONFIGS[::-1])]
+            steadies = _steadies(model_name, warm_dir, args)
         base = rows["inductor"]
         for config, row in rows.items():
-            row["ms_per_step"] = statistics.median(m for steady in steadies for m in steady[config])
             row["cold_vs_inductor"] = row["cold_compile_s"] / base["cold_compile_s"]
-            row["step_vs_inductor"] = statistics.median(
-                mine / theirs for steady in steadies for mine, theirs in zip(steady[config], steady["inductor"]))
+            row.update(_per_step(steadies, config))
             print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
     results["load_after"] = os.getloadavg()
     return results
+
+
+def measure_steps_again(results: dict, args) -> dict:
+    """Measure per-step times again for the models of earlier `results`, leaving their compile
+    measurements as they are (for a change of the per-step protocol alone): each
+    configuration compiles once into a fresh folder (not timed), then `steady` as in
+    `measure`. The results say when this was done and under what load."""
+    rerun = {"at": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
+    for model_name, rows in results["models"].items():
+        with tempfile.TemporaryDirectory(prefix=f"wavepass-{model_name}-") as warm_dir:
+            for config in CONFIGS:
+                spawn("first", model_name, [config], warm_dir, args)
+            steadies = _steadies(model_name, warm_dir, args)
+        for config, row in rows.items():
+            row.update(_per_step(steadies, config))
+            print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
+    rerun["load_after"] = os.getloadavg()
+    results["per_step_measured_again"] = rerun
+    return results
+
+
+def _steadies(model_name: str, warm_dir: str, args) -> list[dict]:
+    """`steady` in two processes that load the configurations in opposite orders."""
+    return [spawn("steady", model_name, list(order), warm_dir, args) for order in (CONFIGS, CONFIGS[::-1])]
+
+
+def _per_step(steadies: list[dict], config: str) -> dict:
+    """ms per step (median of all turns' medians) and the median of the rounds' ratios to
+    Inductor, by turns' medians and by turns' fastest calls."""
+    def ratios(kind: str) -> list[float]:
+        return [mine / theirs for steady in steadies for mine, theirs in zip(steady[kind][config], steady[kind]["inductor"])]
+
+    return {"ms_per_step": statistics.median(m for steady in steadies for m in steady["median"][config]),
+            "step_vs_inductor": statistics.median(ratios("median")),
+            "ms_per_step_best": statistics.median(m for steady in steadies for m in steady["best"][config]),
+            "best_step_vs_inductor": statistics.median(ratios("best"))}
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -255,10 +297,10 @@ def markdown(results: dict) -> str:
              f"{results['load_before'][0]:.1f}/{results['load_after'][0]:.1f}"
              + (" (--quick sizes)" if results["quick"] else "")
              + f"; Inductor's one-time probe of the CPU's vector instructions, not counted in cold "
-             f"compile: {statistics.median(probes):.1f} s", "",
+             f"compile: {statistics.median(probes):.1f} s" + _again(results), "",
              "| model | config | cold compile (s) | vs inductor | of it Dynamo (s) | warm compile (s) "
-             "| ms/step | vs inductor | new graphs in session | blocks / block graphs |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| ms/step | vs inductor | fastest call vs inductor | new graphs in session | blocks / block graphs |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, rows in results["models"].items():
         for config, row in rows.items():
             counts = row["wavepass"]
@@ -266,9 +308,17 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {name} | {config} | {row['cold_compile_s']:.1f} | {row['cold_vs_inductor']:.2f}x "
                 f"| {row['dynamo_tracing_s']:.1f} | {row['warm_compile_s']:.1f} | {row['ms_per_step']:.2f} "
-                f"| {row['step_vs_inductor']:.3f}x "
+                f"| {row['step_vs_inductor']:.3f}x | {row['best_step_vs_inductor']:.3f}x "
                 f"| {row['session_new_graphs']}{' (failed)' if row['session_error'] else ''} | {blocks} |")
     return "\n".join(lines) + "\n"
+
+
+def _again(results: dict) -> str:
+    again = results.get("per_step_measured_again")
+    if not again:
+        return ""
+    return (f"; per-step times measured again on {again['at']} (`--steps-again`), load average "
+            f"before/after {again['load_before'][0]:.1f}/{again['load_after'][0]:.1f}")
 
 
 def plot(results: dict, path: str) -> None:
@@ -309,13 +359,19 @@ def main() -> None:
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--md", metavar="PATH")
     parser.add_argument("--plot", metavar="PATH", help="PNG of cold compile time against depth (matplotlib)")
+    parser.add_argument("--steps-again", action="store_true",
+                        help="measure per-step times again for the models in --json, keep its compile times")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "CONFIGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, model_name, configs = args.child
         print(json.dumps(child(kind, model_name, configs.split(","), args.quick, args.steps, args.repeats)))
         return
-    results = measure(args)
+    if args.steps_again:
+        with open(args.json) as f:
+            results = measure_steps_again(json.load(f), args)
+    else:
+        results = measure(args)
     table = markdown(results)
     print(table)
     if args.json:
