@@ -74,7 +74,8 @@ def stand_in_structures(outlined: torch.fx.GraphModule) -> dict[str, block_op.St
     for kind, subgraph in outlined.named_children():
         (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
         name = f"stand_in_{id(subgraph)}"
-        found[kind] = block_op.register(block_op.Structure(name, subgraph.meta["structure"], subgraph,
+        found[kind] = block_op.register(block_op.Structure(name, subgraph.meta["structure"],
+                                                           lambda args, subgraph=subgraph: subgraph(*args),
                                                            block_op.layouts(map(example_value, outputs))))
     return found
 
@@ -130,6 +131,35 @@ def test_block_graphs_live_as_long_as_a_piece_that_calls_them(no_fallback):
     torch._dynamo.reset()
     gc.collect()
     assert not any(block_op.registered(name) for name in names)
+
+
+def test_block_graphs_run_bare_where_the_wrappers_would_do_nothing(no_fallback):
+    """Outside autocast, a block graph runs as Inductor's compiled module: AOTAutograd's
+    runtime wrappers (~10 us a call) would pass its arguments and results through unchanged.
+    The same blocks compiled under autocast are another program (AOTAutograd traces them
+    with casts), compiled apart and run in the wrappers, which turn autocast off around
+    Inductor's code; each model equals its eager model, with both compiled models alive."""
+    from torch._inductor.output_code import CompiledFxGraph
+
+    torch.manual_seed(0)
+    plain = Stack(2, [False] * 4).eval()
+    autocast = copy.deepcopy(plain)
+    inputs = (torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 4))
+    compiled_plain = torch.compile(plain, backend="wavespeed", options={"residual_diff_threshold": 0.0})
+    torch.testing.assert_close(compiled_plain(*inputs), plain(*inputs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        compiled_autocast = torch.compile(autocast, backend="wavespeed", options={"residual_diff_threshold": 0.0})
+        torch.testing.assert_close(compiled_autocast(*inputs), autocast(*inputs), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(compiled_plain(*inputs), plain(*inputs))
+
+    def runs(model):
+        (program,) = wavepass.runtime.programs_of(model)
+        return {s.name: isinstance(s.run, CompiledFxGraph) for piece in (program._head, program._rest)
+                for s in piece.structures}
+
+    assert list(runs(plain).values()) == [True]
+    assert list(runs(autocast).values()) == [False]
+    assert runs(plain).keys() != runs(autocast).keys()
 
 
 def _key(fn, *inputs):

@@ -11,8 +11,8 @@ structure again per block. A chain: the first block takes `operands[:len(carry)]
 further block takes, at input i, output `carry[i]` of the block before it, or where that is
 -1 the next of its own operands (its weights, the shared conditioning).
 
-`name` is a hash of the structure's program, input layouts and Inductor options, so equal
-names are equal programs: a piece in Inductor's on-disk cache calls the structure by the
+`name` is a hash of the structure's program, input layouts, Inductor options and the
+autocast it is compiled under, so equal names are equal programs: a piece in Inductor's on-disk cache calls the structure by the
 same name in a new process. Structures are static: a structure whose sizes are symbolic
 is not called through this operator (Inductor's code for it could rest on facts about the
 symbols that only its own graph's guards check). Each compiled piece holds its structures
@@ -36,8 +36,9 @@ _registry: weakref.WeakValueDictionary[str, Structure] = weakref.WeakValueDictio
 
 @dataclass(eq=False)
 class Structure:
-    """A compiled block structure (`key`: its `structural_key`): `run(*operands)` and its
-    outputs' (sizes, strides, dtype, device), all static."""
+    """A compiled block structure (`key`: its `structural_key`): `run(operands)`, which takes
+    a list of its operands (and may clear it), and its outputs' (sizes, strides, dtype,
+    device), all static."""
 
     name: str
     key: Hashable
@@ -65,15 +66,15 @@ def run_blocks(name: str, carry: Sequence[int], operands: Sequence[torch.Tensor]
     """Run a chain of blocks of structure `name` (see the module docstring); return the last
     block's outputs."""
     run = _registry[name].run
+    outputs = run(list(operands[: len(carry)]))
     if len(operands) == len(carry):  # one block
-        return list(run(*operands))
-    outputs = run(*operands[: len(carry)])
+        return list(outputs)
     fresh = [position for position, source in enumerate(carry) if source < 0]
     for start in range(len(carry), len(operands), len(fresh)):
         args = [outputs[source] if source >= 0 else None for source in carry]
         for position, operand in zip(fresh, operands[start : start + len(fresh)]):
             args[position] = operand
-        outputs = run(*args)
+        outputs = run(args)
     return list(outputs)
 
 
