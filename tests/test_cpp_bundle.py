@@ -110,6 +110,27 @@ def test_the_option_decides(bundle, builds):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
+def test_small_graphs_are_built_together_when_the_batch_ends(builds):
+    """Inside `batched_builds`, graphs with few kernels (the head and tail pieces) wait and
+    are built as one bundle when the batch ends: one compiler run instead of one per graph."""
+    x, y = torch.randn(7, 16), torch.randn(7, 16)
+
+    def other(x):
+        return ((x.cos() * 2).softmax(-1),)
+
+    with cpp_bundle.batched_builds():
+        with bundled_cpp_kernels():
+            compiled_fused = compile_fx(torch.fx.symbolic_trace(fused), [x, y])
+            compiled_other = compile_fx(torch.fx.symbolic_trace(other), [x])
+        cpp_bundle.wait_for_builds()
+        assert builds["bundles"] == 0
+    cpp_bundle.wait_for_builds()
+    assert builds["bundles"] == 1 and builds["per_kernel"] == 0
+    for out, ref in zip(compiled_fused(x, y), fused(x, y)):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled_other(x), other(x), atol=1e-5, rtol=1e-5)
+
+
 def test_a_kernel_called_before_wait_is_built_alone():
     x, out = torch.arange(4, dtype=torch.float32), torch.zeros(4)
     Kernel(ARGTYPES, SCALE % "5.0f")(x, out, 4)

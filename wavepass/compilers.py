@@ -11,7 +11,7 @@ counted over all pieces). Each static subgraph is compiled on its own, once for 
 and models (`block_op.py`: a registry by name), and the piece calls it through
 `wavepass.blocks` (`passes/call_compiled_blocks.py`); subgraphs with symbolic sizes stay
 in the piece, which Inductor lowers once per piece. A piece's C++ kernels are built as one
-library per compile worker (`cpp_bundle.py`).
+library per compile worker, the small pieces' together (`cpp_bundle.py`).
 Counts land in `torch._dynamo.utils.counters["wavepass"]`; a `CompileSession` per Dynamo
 graph (per fake mode) sums them for the log.
 """
@@ -93,13 +93,16 @@ def compile_pieces(pieces: Sequence[tuple[str, GraphModule, Sequence[Any]]], opt
     order. A block structure that occurs in more than one piece, even once in each, is
     compiled once. The largest piece is compiled first: its C++ kernels, the most, build in
     the background (`cpp_bundle`) while the smaller pieces are lowered."""
+    from .cpp_bundle import batched_builds
+
     occurrences: Counter[Hashable] = Counter()
     if options.outline_blocks:
         for _, gm, _ in pieces:
             occurrences += _structures_in(gm)
     largest_first = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][1].graph.nodes))
-    compiled = {i: compile_graph(pieces[i][1], pieces[i][2], options, mode, pieces[i][0], occurrences)
-                for i in largest_first}
+    with batched_builds() if options.bundle_kernels else nullcontext():
+        compiled = {i: compile_graph(pieces[i][1], pieces[i][2], options, mode, pieces[i][0], occurrences)
+                    for i in largest_first}
     return [compiled[i] for i in range(len(pieces))]
 
 

@@ -10,7 +10,9 @@ one source (measured on this project's 2-core CPU).
 While `bundled_cpp_kernels()` is active, `AsyncCompile.cpp_pybinding` (which Inductor's
 generated module calls once per kernel as it loads) records the kernel instead of building
 it, and `AsyncCompile.wait` (which the module calls after its last kernel) builds the
-recorded kernels as one source per chunk, in parallel where Inductor has compile workers:
+recorded kernels as one source per chunk, in parallel where Inductor has compile workers
+(chunks of at least `_MIN_CHUNK` kernels); inside `batched_builds`, a graph with few
+kernels waits to be built with the next graphs' kernels:
 
     #include <torch/csrc/inductor/cpp_prefix.h>       (the kernels' includes, once)
     namespace wavepass_kernel_0 { void kernel(const float* in_ptr0, ...) {...} }
@@ -49,11 +51,13 @@ from torch._inductor.utils import clear_on_fresh_cache
 log = logging.getLogger("wavepass")
 _ENTRY = re.compile(r'extern "C"(?=\s+(?:\w+\s+)*?kernel\s*\()')
 _SCALARS = ("int64_t", "uintptr_t", "float")  # the non-pointer types Inductor's binding parses
-_MIN_CHUNK = 4  # fewer kernels than this per chunk: the fixed costs outweigh the parallelism
+_MIN_CHUNK = 8  # fewer kernels than this per chunk: the fixed costs outweigh the parallelism
+_MIN_BATCH = 8  # a graph with fewer kernels waits inside `batched_builds` for others' kernels
 _BUILD_NICENESS = 10  # added to the builds' nice value (`_yield_to_lowering`)
 _ORIGINAL = {"cpp_pybinding": AsyncCompile.cpp_pybinding, "wait": AsyncCompile.wait}
 _failures: set[str] = set()
 _running: set[Future[Any]] = set()
+_waiting: list[list[tuple[str, Kernel, dict[str, Any]]]] = []  # one batch per active `batched_builds`
 
 
 @clear_on_fresh_cache
@@ -107,6 +111,22 @@ def bundled_cpp_kernels() -> Iterator[None]:
             AsyncCompile.cpp_pybinding, AsyncCompile.wait = _ORIGINAL["cpp_pybinding"], _ORIGINAL["wait"]
 
 
+@contextmanager
+def batched_builds() -> Iterator[None]:
+    """Inside: the kernels of a graph with fewer than `_MIN_BATCH` kernels wait for those of
+    the graphs compiled after it, and are built with them in one bundle once `_MIN_BATCH`
+    have gathered or the context ends. Each build pays the same fixed costs (~0.8 s of
+    compiler time here); the small graphs (the head and tail pieces around the blocks) are
+    lowered last, when their builds would queue behind the others anyway. The graphs are
+    compiled in the same order in every process, so a warm start builds the same bundles
+    and finds them on disk."""
+    _waiting.append([])
+    try:
+        yield
+    finally:
+        _submit(_waiting.pop())
+
+
 def _record(self: AsyncCompile, argtypes: list[str], source_code: str) -> Any:
     if not _bundleable(argtypes, source_code):
         return _ORIGINAL["cpp_pybinding"](self, argtypes, source_code)
@@ -117,14 +137,26 @@ def _build_then_wait(self: AsyncCompile, scope: dict[str, Any]) -> None:
     """Start the bundle builds in the background and let Inductor wait for the rest: the
     builds run while the next piece is lowered, and a kernel waits for its build when first
     called."""
-    recorded = [(name, value) for name, value in scope.items() if isinstance(value, Kernel)]
+    recorded = [(name, value, scope) for name, value in scope.items() if isinstance(value, Kernel)]
+    if _waiting and len(recorded) < _MIN_BATCH:
+        batch = _waiting[-1]
+        batch += recorded
+        if len(batch) >= _MIN_BATCH:
+            _submit(batch[:])
+            batch.clear()
+    else:
+        _submit(recorded)
+    _ORIGINAL["wait"](self, scope)
+
+
+def _submit(recorded: list[tuple[str, Kernel, dict[str, Any]]]) -> None:
+    """Build these kernels in the background, in chunks; each kernel waits for its chunk."""
     for chunk in _chunks(recorded):
-        build = _builders().submit(_build_chunk, [kernel for _, kernel in chunk])
+        build = _builders().submit(_build_chunk, [kernel for _, kernel, _ in chunk])
         _running.add(build)
         build.add_done_callback(_running.discard)
-        for index, (name, kernel) in enumerate(chunk):
+        for index, (name, kernel, scope) in enumerate(chunk):
             kernel.bind(build, index, scope, name)
-    _ORIGINAL["wait"](self, scope)
 
 
 def wait_for_builds() -> None:
@@ -149,7 +181,7 @@ def _parsed_type(argtype: str) -> str:
     return argtype.replace("const ", "").strip()
 
 
-def _chunks(recorded: list[tuple[str, Kernel]]) -> list[list[tuple[str, Kernel]]]:
+def _chunks(recorded: list[tuple[str, Kernel, dict[str, Any]]]) -> list[list[tuple[str, Kernel, dict[str, Any]]]]:
     """As many chunks as Inductor has compile workers, of at least `_MIN_CHUNK` kernels."""
     count = max(1, min(get_compile_threads(), len(recorded) // _MIN_CHUNK))
     size = max(1, -(-len(recorded) // count))
