@@ -12,12 +12,12 @@ further block takes, at input i, output `carry[i]` of the block before it, or wh
 -1 the next of its own operands (its weights, the shared conditioning).
 
 `name` is a hash of the structure's program, input layouts, Inductor options and the
-autocast it is compiled under, so equal names are equal programs: a piece in Inductor's on-disk cache calls the structure by the
-same name in a new process. Structures are static: a structure whose sizes are symbolic
-is not called through this operator (Inductor's code for it could rest on facts about the
-symbols that only its own graph's guards check). Each compiled piece holds its structures
-(`Structure`); the registry only refers to them, so a structure lives as long as a piece
-that calls it.
+autocast it is compiled under, so equal names are equal programs: a piece in Inductor's
+on-disk cache calls the structure by the same name in a new process. Structures are static:
+a structure whose sizes are symbolic is not called through this operator (Inductor's code
+for it could rest on facts about the symbols that only its own graph's guards check). Each
+compiled piece holds its structures (`Structure`); the registry only refers to them, so a
+structure lives as long as a piece that calls it.
 """
 
 from __future__ import annotations
