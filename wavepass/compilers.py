@@ -223,25 +223,31 @@ def _block_callable(name: str, subgraph: GraphModule, inputs: Sequence[Any], pat
 
     A step calls each block graph once per block, and those wrappers (a Dynamo-disabled
     frame, argument flattening, the generated runtime wrapper) cost ~10-15 us a call: 3% of
-    a step of the 12-block SD3 benchmark model. They do nothing for a graph run for inference
-    on plain tensors that mutates no input, returns no alias, uses no effect tokens or
-    functionalized RNG, and was compiled outside autocast (`_runs_bare`). AOTAutograd says
-    which of these hold only when it traces the graph; a new process that loads the graph
-    from AOTAutograd's cache gets the wrapped callable alone. So the verdict is kept in
-    Inductor's cache folder by the structure's name (`_verdicts`), and a structure whose
-    verdict is bare is run as the compiled module at the end of the wrappers' `__wrapped__`
-    chain. Without a verdict, or where the chain ends elsewhere, the wrappers run."""
+    a step of the 12-block SD3 benchmark model. They do nothing for a graph on plain tensors
+    that mutates no input, returns no alias, uses no effect tokens or functionalized RNG
+    (`_runs_bare`), compiled without grad and outside autocast (`_compiled_for_inference`).
+    AOTAutograd says whether the first hold only when it traces the graph; a new process
+    that loads the graph from AOTAutograd's cache gets the wrapped callable alone. So that
+    verdict is kept in Inductor's cache folder by the structure's name (`_verdicts`), and a
+    structure whose verdict is bare is run as the compiled module at the end of the
+    wrappers' `__wrapped__` chain. Without a verdict, or where the chain ends elsewhere, the
+    wrappers run."""
     from torch._inductor.compile_fx import compile_fx_inner
     from torch._inductor.output_code import CompiledFxGraph
 
+    verdicts = _verdicts()
+    traced: list[bool] = []  # the verdict, where AOTAutograd traced the block in this process
+
     def capture(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
         compiled = compile_fx_inner(gm, example_inputs, **kwargs)
-        _verdicts().record(name, _runs_bare(compiled, gm, TracingContext.try_get(), inputs))
+        traced.append(_runs_bare(compiled, gm, TracingContext.try_get(), inputs))
+        verdicts.record(name, traced[-1])
         return compiled
 
     wrapped = _compile_fx(subgraph, inputs, patches, _fake_mode_of(inputs), options, inner_compile=capture)
     inner = inspect.unwrap(wrapped)
-    if isinstance(inner, CompiledFxGraph) and _verdicts().bare(name) and _compiled_for_inference():
+    bare = (traced[-1] if traced else verdicts.bare(name)) and _compiled_for_inference()
+    if bare and isinstance(inner, CompiledFxGraph):
         return inner
     unboxed = _unboxed(wrapped)
     return lambda args: unboxed(*args)
@@ -255,7 +261,7 @@ def _runs_bare(compiled: Any, gm: GraphModule, context: TracingContext | None, i
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     metadata = context.fw_metadata if context is not None else None
-    return (isinstance(compiled, CompiledFxGraph) and metadata is not None and _compiled_for_inference()
+    return (isinstance(compiled, CompiledFxGraph) and metadata is not None
             and len(gm.graph.find_nodes(op="placeholder")) == len(inputs)
             and not any(map(is_traceable_wrapper_subclass, inputs))
             and metadata.num_mutated_inp_runtime_indices == 0
@@ -265,6 +271,8 @@ def _runs_bare(compiled: Any, gm: GraphModule, context: TracingContext | None, i
 
 
 def _compiled_for_inference() -> bool:
+    """No grad, no autocast where the block is compiled. Checked here, outside `compile_fx`:
+    inside it AOTAutograd has turned autocast off, so `_runs_bare` cannot see it."""
     return not torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled()
 
 
