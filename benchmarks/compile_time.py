@@ -242,11 +242,9 @@ def measure(args) -> dict:
                                     session_new_graphs=session["session_new_graphs"],
                                     session_s=session.get("session_s"), session_error=session.get("session_error"))
             steadies = _steadies(model_name, warm_dir, args)
-        base = rows["inductor"]
-        for config, row in rows.items():
-            row["cold_vs_inductor"] = row["cold_compile_s"] / base["cold_compile_s"]
-            row.update(_per_step(steadies, config))
-            print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
+        for row in rows.values():
+            row["cold_vs_inductor"] = row["cold_compile_s"] / rows["inductor"]["cold_compile_s"]
+        _add_per_step(model_name, rows, steadies)
     results["load_after"] = os.getloadavg()
     return results
 
@@ -262,9 +260,7 @@ def measure_steps_again(results: dict, args) -> dict:
             for config in CONFIGS:
                 spawn("first", model_name, [config], warm_dir, args)
             steadies = _steadies(model_name, warm_dir, args)
-        for config, row in rows.items():
-            row.update(_per_step(steadies, config))
-            print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
+        _add_per_step(model_name, rows, steadies)
     rerun["load_after"] = os.getloadavg()
     results["per_step_measured_again"] = rerun
     return results
@@ -273,6 +269,13 @@ def measure_steps_again(results: dict, args) -> dict:
 def _steadies(model_name: str, warm_dir: str, args) -> list[dict]:
     """`steady` in two processes that load the configurations in opposite orders."""
     return [spawn("steady", model_name, list(order), warm_dir, args) for order in (CONFIGS, CONFIGS[::-1])]
+
+
+def _add_per_step(model_name: str, rows: dict, steadies: list[dict]) -> None:
+    """Each configuration's per-step figures into its row (`_per_step`); the row, on stderr."""
+    for config, row in rows.items():
+        row.update(_per_step(steadies, config))
+        print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
 
 
 def _per_step(steadies: list[dict], config: str) -> dict:
