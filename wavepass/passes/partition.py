@@ -40,7 +40,10 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import optimization_hint
+try:
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+except ImportError:  # torch < 2.12 names it size_hint
+    from torch.fx.experimental.symbolic_shapes import size_hint as optimization_hint
 
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
