@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .compilers import compile_pieces, plain_fallback
+from .compilers import compile_pieces, plain_fallback, records_cuda_graphs
 from .options import CacheOptions
 from .passes.errors import CannotCache
 from .passes.find_blocks import find_blocks
@@ -45,7 +45,8 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     description = (f"blocks {part.layout.describe()}, {len(part.streams)} cached stream(s), "
                    f"decided on `{part.signal_source.name}`")
     blocks = tuple(block.path for block in part.layout.blocks)
-    return CachedProgram(head, rest, tail, wiring, opts, blocks, description)
+    return CachedProgram(head, rest, tail, wiring, opts, blocks, description,
+                         stores_copies=records_cuda_graphs(opts, mode))
 
 
 def _first_partition(gm: GraphModule) -> CachedPartition:

@@ -136,8 +136,12 @@ class CachedProgram:
     """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""
 
     def __init__(self, head: Callable, rest: Callable, tail: Callable, wiring: Wiring,
-                 options: CacheOptions, blocks: tuple[str, ...], description: str) -> None:
+                 options: CacheOptions, blocks: tuple[str, ...], description: str,
+                 stores_copies: bool = False) -> None:
         self._head, self._rest, self._tail = head, rest, tail
+        # Pieces run as CUDA graphs return outputs that their next replay overwrites: the
+        # signal and residuals kept for later calls are then copies.
+        self._kept: Callable[[torch.Tensor], torch.Tensor] = torch.clone if stores_copies else _itself
         self.blocks = blocks
         self._wiring = wiring
         self._head_args, self._rest_args, self._tail_args = map(_picker, (wiring.head_in, wiring.rest_in, wiring.tail_in))
@@ -174,8 +178,8 @@ class CachedProgram:
                 for slot, value in zip(w.rest_out, outputs_rest):
                     values[slot] = value
                 if self._options.may_skip:
-                    state.signal = outputs[-1]
-                    state.residuals = tuple(outputs_rest[len(w.rest_out):])
+                    state.signal = self._kept(outputs[-1])
+                    state.residuals = tuple(map(self._kept, outputs_rest[len(w.rest_out):]))
                     state.strides = tuple(values[result].stride() for *_, result in w.streams)
             _check_layouts(values, w.layouts)
             result = self._tail(*self._tail_args(values))
@@ -237,6 +241,10 @@ class CachedProgram:
 
     def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
         return self._calls, self._hits, list(self._decisions)
+
+
+def _itself(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _check_layouts(values: Sequence[Any], layouts: tuple[tuple[int, tuple, tuple], ...]) -> None:
