@@ -47,6 +47,13 @@ on each other); Inductor's compile workers are its default.
 
     python benchmarks/compile_time.py --json benchmarks/results/compile-time-cpu.json \\
         --md benchmarks/results/compile-time-cpu.md --plot benchmarks/results/compile-time-cpu.png
+
+On a GPU (`--device cuda`: bf16, the GPU synchronized before and after every timed call;
+`benchmarks/gpu.sh` runs it), `--scale released` gives the blocks FLUX.1's and SD3.5
+medium's widths at 1024x1024, and `--steady-only inductor-cudagraphs wavespeed-cudagraphs`
+adds per-step times under CUDA graphs (mode="reduce-overhead"), each against the Inductor
+with the same setting. Every configuration's first result is compared with the eager
+model's (relative L2, `error vs eager`).
 """
 
 from __future__ import annotations
@@ -60,73 +67,119 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
 
+import wavepass  # registers "wavespeed" also where the package is not installed (a GPU machine)
+
 CONFIGS = ("inductor", "repeated_blocks", "wavespeed")
-_FLUX_WIDTH = dict(attention_head_dim=16, num_attention_heads=4, axes_dims_rope=(4, 6, 6))
-_SD3_WIDTH = dict(attention_head_dim=16, num_attention_heads=4)
-# name -> (architecture, sizes). Small widths (a 2-core CPU steps them in tens of ms) at the
-# issue's medium depths and at the released models' depths (FLUX.1: 19 dual + 38 single
-# blocks; SD3.5 medium: 24 blocks).
+# CUDA graphs (mode="reduce-overhead"), on a GPU only: `--configs` names them
+CUDA_GRAPH_CONFIGS = ("inductor-cudagraphs", "wavespeed-cudagraphs")
+# name -> (architecture, depth): the issue's medium depths and the released models' depths
+# (FLUX.1: 19 dual + 38 single blocks; SD3.5 medium: 24 blocks).
 MODELS = {
-    "flux-24": ("flux", dict(num_layers=8, num_single_layers=16, **_FLUX_WIDTH)),
-    "flux-57": ("flux", dict(num_layers=19, num_single_layers=38, **_FLUX_WIDTH)),
-    "sd3-12": ("sd3", dict(num_layers=12, **_SD3_WIDTH)),
-    "sd3-24": ("sd3", dict(num_layers=24, **_SD3_WIDTH)),
+    "flux-24": ("flux", dict(num_layers=8, num_single_layers=16)),
+    "flux-57": ("flux", dict(num_layers=19, num_single_layers=38)),
+    "sd3-12": ("sd3", dict(num_layers=12)),
+    "sd3-24": ("sd3", dict(num_layers=24)),
 }
 QUICK = {
-    "flux-7": ("flux", dict(num_layers=3, num_single_layers=4, **_FLUX_WIDTH)),
-    "sd3-4": ("sd3", dict(num_layers=4, **_SD3_WIDTH)),
+    "flux-7": ("flux", dict(num_layers=3, num_single_layers=4)),
+    "sd3-4": ("sd3", dict(num_layers=4)),
 }
-SIDES = (16, 24, 32)  # latent sides (in patches for FLUX): the session's three resolutions
 
 
-def build(name: str, sizes: dict) -> torch.nn.Module:
-    """A random-weight diffusers denoiser of the `name` architecture."""
-    import diffusers
+@dataclass(frozen=True)
+class Scale:
+    """Widths and sequence lengths: `small` (a 2-core CPU steps a model in tens of ms) or
+    `released` (FLUX.1's and SD3.5 medium's widths at 1024x1024, 512 and 333 text tokens:
+    for a GPU)."""
 
-    torch.manual_seed(0)
-    if name == "flux":
-        model = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, joint_attention_dim=64, pooled_projection_dim=32,
-            guidance_embeds=False, **sizes)
-    else:
-        model = diffusers.SD3Transformer2DModel(
-            sample_size=32, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=64,
-            caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=64, **sizes)
-        model._repeated_blocks = ["JointTransformerBlock"]  # diffusers lists none for SD3
-    return model.eval()
+    width: dict  # architecture -> the blocks' width arguments
+    sides: dict  # architecture -> latent sides (patches for FLUX): the session's resolutions
+    text_tokens: dict  # architecture -> text tokens
 
 
-def inputs(name: str, side: int, prompt: int) -> dict:
-    """Keyword arguments of one call at latent side `side`; `prompt` seeds the text states."""
-    gen = torch.Generator().manual_seed(prompt)
-    text = dict(encoder_hidden_states=torch.randn(1, 16, 64, generator=gen),
-                pooled_projections=torch.randn(1, 32, generator=gen))
-    if name == "sd3":
-        return dict(hidden_states=torch.randn(1, 16, side, side, generator=gen),
-                    timestep=torch.tensor([500.0]), return_dict=False, **text)
-    ids = torch.zeros(side, side, 3)
-    ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
-    return dict(hidden_states=torch.randn(1, side * side, 16, generator=gen),
-                timestep=torch.tensor([0.5]), img_ids=ids.reshape(-1, 3),
-                txt_ids=torch.zeros(16, 3), return_dict=False, **text)
+SCALES = {
+    "small": Scale(
+        width={"flux": dict(attention_head_dim=16, num_attention_heads=4, axes_dims_rope=(4, 6, 6)),
+               "sd3": dict(attention_head_dim=16, num_attention_heads=4)},
+        sides={"flux": (16, 24, 32), "sd3": (16, 24, 32)}, text_tokens={"flux": 16, "sd3": 16}),
+    "released": Scale(
+        width={"flux": dict(attention_head_dim=128, num_attention_heads=24, axes_dims_rope=(16, 56, 56)),
+               "sd3": dict(attention_head_dim=64, num_attention_heads=24)},
+        sides={"flux": (64, 48, 32), "sd3": (128, 96, 64)}, text_tokens={"flux": 512, "sd3": 333}),
+}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and at what size a child process measures."""
+
+    scale: Scale
+    device: str
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device == "cuda" else torch.float32
+
+    def build(self, name: str, depth: dict) -> torch.nn.Module:
+        """A random-weight diffusers denoiser of the `name` architecture (made on the device)."""
+        import diffusers
+
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            if name == "flux":
+                model = diffusers.FluxTransformer2DModel(
+                    patch_size=1, in_channels=16, joint_attention_dim=64, pooled_projection_dim=32,
+                    guidance_embeds=False, **depth, **self.scale.width[name])
+            else:
+                model = diffusers.SD3Transformer2DModel(
+                    sample_size=32, patch_size=2, in_channels=16, out_channels=16, joint_attention_dim=64,
+                    caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=64,
+                    **depth, **self.scale.width[name])
+                model._repeated_blocks = ["JointTransformerBlock"]  # diffusers lists none for SD3
+        return model.to(self.dtype).eval()
+
+    def inputs(self, name: str, resolution: int, prompt: int) -> dict:
+        """Keyword arguments of one call at the scale's `resolution`-th latent side; `prompt`
+        seeds the text states."""
+        side, tokens = self.scale.sides[name][resolution], self.scale.text_tokens[name]
+        gen = torch.Generator().manual_seed(prompt)
+        call = dict(encoder_hidden_states=torch.randn(1, tokens, 64, generator=gen),
+                    pooled_projections=torch.randn(1, 32, generator=gen))
+        if name == "sd3":
+            call.update(hidden_states=torch.randn(1, 16, side, side, generator=gen), timestep=torch.tensor([500.0]))
+        else:
+            ids = torch.zeros(side, side, 3)
+            ids[..., 1], ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+            call.update(hidden_states=torch.randn(1, side * side, 16, generator=gen), timestep=torch.tensor([0.5]),
+                        img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(tokens, 3))
+        return {k: v.to(self.device, self.dtype) for k, v in call.items()} | {"return_dict": False}
+
+    def timed(self, fn) -> float:
+        """Seconds until `fn`'s work is done (on a GPU: synchronized before and after)."""
+        synchronize = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        synchronize()
+        started = time.perf_counter()
+        fn()
+        synchronize()
+        return time.perf_counter() - started
 
 
 def compiled(model: torch.nn.Module, config: str):
-    if config == "inductor":
-        return torch.compile(model, backend="inductor")
-    if config == "repeated_blocks":
+    backend, _, cudagraphs = config.partition("-")
+    mode = "reduce-overhead" if cudagraphs else None
+    if backend == "inductor":
+        return torch.compile(model, backend="inductor", mode=mode)
+    if backend == "repeated_blocks":
         model.compile_repeated_blocks(backend="inductor")
         return model
-    return torch.compile(model, backend="wavespeed", options={"residual_diff_threshold": 0.0})
+    from torch._inductor import list_mode_options  # torch.compile takes options= or mode=, not both
 
-
-def timed(fn) -> float:
-    started = time.perf_counter()
-    fn()
-    return time.perf_counter() - started
+    return torch.compile(model, backend="wavespeed",
+                         options={"residual_diff_threshold": 0.0, "inductor": list_mode_options(mode) if mode else {}})
 
 
 def lora_change(model: torch.nn.Module, rank: int = 4) -> None:
@@ -136,32 +189,36 @@ def lora_change(model: torch.nn.Module, rank: int = 4) -> None:
     for module_name, module in model.named_modules():
         if module_name.endswith("attn.to_q"):
             out_f, in_f = module.weight.shape
-            module.weight.add_(0.01 * torch.randn(out_f, rank, generator=gen) @ torch.randn(rank, in_f, generator=gen))
+            delta = 0.01 * torch.randn(out_f, rank, generator=gen) @ torch.randn(rank, in_f, generator=gen)
+            module.weight.add_(delta.to(module.weight))
         elif module_name.endswith("attn.to_k"):
             module.weight = torch.nn.Parameter(module.weight.detach() * 1.01)
 
 
-def child(kind: str, model_name: str, configs: list[str], quick: bool, steps: int, repeats: int) -> dict:
+def child(kind: str, model_name: str, configs: list[str], args) -> dict:
     """One measurement (`cold`, `warm` or `steady`) in this (fresh) process."""
     from torch._dynamo.utils import compilation_time_metrics, counters
 
-    torch.set_num_threads(1)  # 2 OpenMP threads on a shared 2-core machine wait on each other
-    probe_s = timed(_probe_vec_isa)
-    name, sizes = (QUICK if quick else MODELS)[model_name]
-    call = inputs(name, SIDES[0], prompt=0)
+    setup = Setup(SCALES[args.scale], args.device)
+    probe_s = 0.0
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # 2 OpenMP threads on a shared 2-core machine wait on each other
+        probe_s = setup.timed(_probe_vec_isa)
+    name, depth = (QUICK if args.quick else MODELS)[model_name]
+    call = setup.inputs(name, 0, prompt=0)
     with torch.no_grad():
         if kind == "steady":
-            return steady(name, sizes, configs, call, steps, repeats)
+            return steady(setup, name, depth, configs, call, args.steps, args.repeats)
         (config,) = configs
-        model = build(name, sizes)
+        model = setup.build(name, depth)
         fn = compiled(model, config)
-        result = {"first_call_s": timed(lambda: fn(**call)), "vec_isa_probe_s": probe_s,
+        result = {"first_call_s": setup.timed(lambda: fn(**call)), "vec_isa_probe_s": probe_s,
                   "dynamo_tracing_s": sum(compilation_time_metrics.get("bytecode_tracing", [])),
                   "wavepass": dict(counters["wavepass"])}
         if kind == "warm":  # "first": the first call only
             before = counters["stats"]["unique_graphs"]
             try:
-                result["session_s"] = timed(lambda: run_session(name, model, fn))
+                result["session_s"] = setup.timed(lambda: run_session(setup, name, model, fn))
             except Exception as exc:  # reported in the table, the other rows still run
                 result["session_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             result["session_new_graphs"] = counters["stats"]["unique_graphs"] - before
@@ -174,34 +231,40 @@ def _probe_vec_isa() -> None:
     pick_vec_isa()
 
 
-def steady(name: str, sizes: dict, configs: list[str], call: dict, steps: int, repeats: int) -> dict:
+def steady(setup: Setup, name: str, depth: dict, configs: list[str], call: dict, steps: int, repeats: int) -> dict:
     """ms per call of each configuration, timed in turns: each turn's median and fastest
-    call, by round (see the module docstring)."""
-    fns = {}
+    call, by round (see the module docstring); and each configuration's first result's
+    distance from the eager model's (relative L2)."""
+    fns, errors, reference = {}, {}, None
     for config in configs:
-        fns[config] = compiled(build(name, sizes), config)
-        fns[config](**call)
-    turns: dict[str, dict[str, list[float]]] = {"median": {c: [] for c in configs}, "best": {c: [] for c in configs}}
+        model = setup.build(name, depth)
+        if reference is None:
+            reference = model(**call)[0].float()
+        fns[config] = compiled(model, config)
+        result = fns[config](**call)[0].float()
+        errors[config] = (torch.linalg.vector_norm(result - reference) / torch.linalg.vector_norm(reference)).item()
+    turns: dict = {"median": {c: [] for c in configs}, "best": {c: [] for c in configs}, "error_vs_eager": errors}
     for _ in range(repeats):
         for config, fn in fns.items():
-            times = [1000 * timed(lambda: fn(**call)) for _ in range(steps)]
+            times = [1000 * setup.timed(lambda: fn(**call)) for _ in range(steps)]
             turns["median"][config].append(statistics.median(times))
             turns["best"][config].append(min(times))
     return turns
 
 
-def run_session(name: str, model: torch.nn.Module, fn) -> None:
+def run_session(setup: Setup, name: str, model: torch.nn.Module, fn) -> None:
     for prompt in (1, 2, 3):
-        fn(**inputs(name, SIDES[0], prompt))
+        fn(**setup.inputs(name, 0, prompt))
     lora_change(model)
-    fn(**inputs(name, SIDES[0], 1))
-    for side in SIDES[1:]:
-        fn(**inputs(name, side, 1))
+    fn(**setup.inputs(name, 0, 1))
+    for resolution in (1, 2):
+        fn(**setup.inputs(name, resolution, 1))
 
 
 def spawn(kind: str, model_name: str, configs: list[str], cache_dir: str, args) -> dict:
     command = [sys.executable, __file__, "--child", kind, model_name, ",".join(configs),
-               "--steps", str(args.steps), "--repeats", str(args.repeats)] + ["--quick"] * args.quick
+               "--steps", str(args.steps), "--repeats", str(args.repeats),
+               "--device", args.device, "--scale", args.scale] + ["--quick"] * args.quick
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -211,16 +274,16 @@ def spawn(kind: str, model_name: str, configs: list[str], cache_dir: str, args) 
 
 def measure(args) -> dict:
     models = QUICK if args.quick else MODELS
-    results: dict = {"torch": torch.__version__, "cpus": os.cpu_count(),
-                     "load_before": os.getloadavg(), "quick": args.quick,
+    results: dict = {"torch": torch.__version__, "wavepass": wavepass.__version__, "cpus": os.cpu_count(), "device": _device_name(args.device),
+                     "scale": args.scale, "load_before": os.getloadavg(), "quick": args.quick,
                      "sizes": models, "models": {}}
     for model_name in args.models or list(models):
         rows = results["models"][model_name] = {}
         with tempfile.TemporaryDirectory(prefix=f"wavepass-{model_name}-") as work:
             warm_dir = os.path.join(work, "warm")
-            colds: dict[str, list[dict]] = {config: [] for config in CONFIGS}
+            colds: dict[str, list[dict]] = {config: [] for config in args.configs}
             for run in range(args.compile_runs):  # configs interleaved: A, B, C, A, B, C, ...
-                for config in CONFIGS:
+                for config in args.configs:
                     cold_dir = os.path.join(work, f"{config}-{run}")
                     colds[config].append(spawn("cold", model_name, [config], cold_dir, args))
                     shutil.copytree(cold_dir, warm_dir, dirs_exist_ok=True)
@@ -232,19 +295,20 @@ def measure(args) -> dict:
                                 "cold_compile_runs_s": [r["first_call_s"] for r in runs],
                                 "vec_isa_probe_s": _median(runs, "vec_isa_probe_s"),
                                 "dynamo_tracing_s": _median(runs, "dynamo_tracing_s"), "wavepass": runs[0]["wavepass"]}
-            warms: dict[str, list[dict]] = {config: [] for config in CONFIGS}
+            warms: dict[str, list[dict]] = {config: [] for config in args.configs}
             for run in range(args.compile_runs):
-                for config in CONFIGS:
-                    warms[config].append(spawn("warm" if run == 0 else "first", model_name, [config], warm_dir, args))
+                for config in args.configs:
+                    kind = "warm" if run == 0 and not args.no_session else "first"
+                    warms[config].append(spawn(kind, model_name, [config], warm_dir, args))
             for config, (session, *_) in warms.items():
                 rows[config].update(warm_compile_s=_median(warms[config], "first_call_s"),
                                     warm_compile_runs_s=[r["first_call_s"] for r in warms[config]],
-                                    session_new_graphs=session["session_new_graphs"],
+                                    session_new_graphs=session.get("session_new_graphs"),
                                     session_s=session.get("session_s"), session_error=session.get("session_error"))
             steadies = _steadies(model_name, warm_dir, args)
         for row in rows.values():
             row["cold_vs_inductor"] = row["cold_compile_s"] / rows["inductor"]["cold_compile_s"]
-        _add_per_step(model_name, rows, steadies)
+        _add_per_step(model_name, rows, steadies, args)
     results["load_after"] = os.getloadavg()
     return results
 
@@ -257,37 +321,53 @@ def measure_steps_again(results: dict, args) -> dict:
     rerun = {"at": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
     for model_name, rows in results["models"].items():
         with tempfile.TemporaryDirectory(prefix=f"wavepass-{model_name}-") as warm_dir:
-            for config in CONFIGS:
+            for config in args.configs:
                 spawn("first", model_name, [config], warm_dir, args)
             steadies = _steadies(model_name, warm_dir, args)
-        _add_per_step(model_name, rows, steadies)
+        _add_per_step(model_name, rows, steadies, args)
     rerun["load_after"] = os.getloadavg()
     results["per_step_measured_again"] = rerun
     return results
 
 
 def _steadies(model_name: str, warm_dir: str, args) -> list[dict]:
-    """`steady` in two processes that load the configurations in opposite orders."""
-    return [spawn("steady", model_name, list(order), warm_dir, args) for order in (CONFIGS, CONFIGS[::-1])]
+    """`steady` in two processes that load the configurations in opposite orders (the
+    `--steady-only` ones compile there, from the warm folder)."""
+    configs = [*args.configs, *args.steady_only]
+    return [spawn("steady", model_name, order, warm_dir, args) for order in (configs, configs[::-1])]
 
 
-def _add_per_step(model_name: str, rows: dict, steadies: list[dict]) -> None:
+def _add_per_step(model_name: str, rows: dict, steadies: list[dict], args) -> None:
     """Each configuration's per-step figures into its row (`_per_step`); the row, on stderr."""
-    for config, row in rows.items():
+    for config in [*args.configs, *args.steady_only]:
+        row = rows.setdefault(config, {})
         row.update(_per_step(steadies, config))
-        print(f"{model_name:8s} {config:16s} {json.dumps(row)}", file=sys.stderr, flush=True)
+        print(f"{model_name:8s} {config:20s} {json.dumps(row)}", file=sys.stderr, flush=True)
 
 
 def _per_step(steadies: list[dict], config: str) -> dict:
     """ms per step (median of all turns' medians) and the median of the rounds' ratios to
-    Inductor, by turns' medians and by turns' fastest calls."""
+    its Inductor (the one with the same CUDA graphs setting), by turns' medians and by turns'
+    fastest calls; the first result's distance from eager's."""
+    baseline = _baseline(config)
+
     def ratios(kind: str) -> list[float]:
-        return [mine / theirs for steady in steadies for mine, theirs in zip(steady[kind][config], steady[kind]["inductor"])]
+        return [mine / theirs for steady in steadies for mine, theirs in zip(steady[kind][config], steady[kind][baseline])]
 
     return {"ms_per_step": statistics.median(m for steady in steadies for m in steady["median"][config]),
             "step_vs_inductor": statistics.median(ratios("median")),
             "ms_per_step_best": statistics.median(m for steady in steadies for m in steady["best"][config]),
-            "best_step_vs_inductor": statistics.median(ratios("best"))}
+            "best_step_vs_inductor": statistics.median(ratios("best")),
+            "error_vs_eager": max(steady["error_vs_eager"][config] for steady in steadies)}
+
+
+def _baseline(config: str) -> str:
+    """Plain Inductor with the same CUDA graphs setting as `config`."""
+    return config.replace(config.split("-")[0], "inductor", 1)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -295,25 +375,43 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def markdown(results: dict) -> str:
-    probes = [row["vec_isa_probe_s"] for rows in results["models"].values() for row in rows.values()]
-    lines = [f"torch {results['torch']}, {results['cpus']} CPUs, load average before/after "
-             f"{results['load_before'][0]:.1f}/{results['load_after'][0]:.1f}"
-             + (" (--quick sizes)" if results["quick"] else "")
-             + f"; Inductor's one-time probe of the CPU's vector instructions, not counted in cold "
-             f"compile: {statistics.median(probes):.1f} s" + _again(results), "",
+    """The table; a figure a row does not have (a `--steady-only` configuration's compile
+    times, a session not run) is `-`."""
+    device = results.get("device", "cpu")
+    load = (f", load average before/after {results['load_before'][0]:.1f}/{results['load_after'][0]:.1f}"
+            if results.get("load_after") else "")
+    lines = [f"torch {results['torch']}, {device}, {results['cpus']} CPUs{load}"
+             + (" (--quick sizes)" if results["quick"] else f" ({results.get('scale', 'small')} widths)")
+             + _probe(results) + _again(results), "",
              "| model | config | cold compile (s) | vs inductor | of it Dynamo (s) | warm compile (s) "
-             "| ms/step | vs inductor | fastest call vs inductor | new graphs in session | blocks / block graphs |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| ms/step | vs inductor | fastest call vs inductor | error vs eager | new graphs in session "
+             "| blocks / block graphs |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, rows in results["models"].items():
         for config, row in rows.items():
-            counts = row["wavepass"]
+            counts = row.get("wavepass", {})
             blocks = f"{counts['blocks']} / {counts['block_graphs']}" if counts.get("blocks") else "-"
+            session = _figure(row, "session_new_graphs", "") + (" (failed)" if row.get("session_error") else "")
             lines.append(
-                f"| {name} | {config} | {row['cold_compile_s']:.1f} | {row['cold_vs_inductor']:.2f}x "
-                f"| {row['dynamo_tracing_s']:.1f} | {row['warm_compile_s']:.1f} | {row['ms_per_step']:.2f} "
+                f"| {name} | {config} | {_figure(row, 'cold_compile_s', '.1f')} "
+                f"| {_figure(row, 'cold_vs_inductor', '.2f', 'x')} | {_figure(row, 'dynamo_tracing_s', '.1f')} "
+                f"| {_figure(row, 'warm_compile_s', '.1f')} | {row['ms_per_step']:.2f} "
                 f"| {row['step_vs_inductor']:.3f}x | {row['best_step_vs_inductor']:.3f}x "
-                f"| {row['session_new_graphs']}{' (failed)' if row['session_error'] else ''} | {blocks} |")
+                f"| {_figure(row, 'error_vs_eager', '.1e')} | {session} | {blocks} |")
     return "\n".join(lines) + "\n"
+
+
+def _figure(row: dict, key: str, spec: str, unit: str = "") -> str:
+    return "-" if row.get(key) is None else f"{row[key]:{spec}}{unit}"
+
+
+def _probe(results: dict) -> str:
+    probes = [row["vec_isa_probe_s"] for rows in results["models"].values() for row in rows.values()
+              if row.get("vec_isa_probe_s")]
+    if not probes:
+        return ""
+    return (f"; Inductor's one-time probe of the CPU's vector instructions, not counted in cold "
+            f"compile: {statistics.median(probes):.1f} s")
 
 
 def _again(results: dict) -> str:
@@ -336,7 +434,7 @@ def plot(results: dict, path: str) -> None:
         names = [n for n in results["models"] if results["sizes"][n][0] == arch]
         depth = {n: sum(v for k, v in results["sizes"][n][1].items() if k.startswith("num_") and k.endswith("layers"))
                  for n in names}
-        for config in CONFIGS:
+        for config in [c for c in CONFIGS if all("cold_compile_s" in results["models"][n].get(c, {}) for n in names)]:
             xs = [depth[n] for n in names]
             ys = [results["models"][n][config]["cold_compile_s"] for n in names]
             ax.plot(xs, ys, marker="o", label=config)
@@ -364,11 +462,23 @@ def main() -> None:
     parser.add_argument("--plot", metavar="PATH", help="PNG of cold compile time against depth (matplotlib)")
     parser.add_argument("--steps-again", action="store_true",
                         help="measure per-step times again for the models in --json, keep its compile times")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda runs in bf16, cpu in fp32")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small",
+                        help="widths and sequence lengths (see `Scale`); released: for a GPU")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                        help="configurations measured in full (inductor first: the others' baseline)")
+    parser.add_argument("--steady-only", nargs="*", choices=CUDA_GRAPH_CONFIGS, default=[],
+                        help="configurations only timed per step (compiled in the steady processes)")
+    parser.add_argument("--no-session", action="store_true", help="skip the scripted session (recompile counts)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "CONFIGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    measured = {*args.configs, *args.steady_only}
+    missing = {_baseline(c) for c in measured} - measured
+    if missing:
+        parser.error(f"{', '.join(sorted(missing))} must be measured too: the other rows' baseline")
     if args.child:
         kind, model_name, configs = args.child
-        print(json.dumps(child(kind, model_name, configs.split(","), args.quick, args.steps, args.repeats)))
+        print(json.dumps(child(kind, model_name, configs.split(","), args)))
         return
     if args.steps_again:
         with open(args.json) as f:

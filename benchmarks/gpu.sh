@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The checks and measurements that need a CUDA GPU, in one run that fits a short lease:
+#   1. tests/test_cuda.py (the backend against the reference cache on the GPU, CUDA graphs too);
+#   2. benchmarks/compile_time.py on FLUX-24 at FLUX.1's width, 1024x1024, bf16: cold and warm
+#      compile and per-step time of wavespeed against plain Inductor (one compile each).
+# Runs with the machine's own python3 and torch; wheels of packages it lacks (diffusers)
+# may be given in WHEELS (a folder), installed to a temporary site folder first.
+#     benchmarks/gpu.sh OUT_DIR
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+if [ -n "${WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/wavepass-site "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=/tmp/wavepass-site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python3 -c "import torch, diffusers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '|', torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+started=$SECONDS
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+echo "tests: ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+started=$SECONDS
+timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/compile_time.py --device cuda --scale released \
+    --models flux-24 --configs inductor wavespeed --compile-runs 1 --no-session --steps 10 --repeats 5 \
+    --json "$out/compile-time-cuda.json" --md "$out/compile-time-cuda.md" 2>&1 | tee "$out/compile_time.log"
+echo "benchmark: ${PIPESTATUS[0]} after $((SECONDS - started)) s"
