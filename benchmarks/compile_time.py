@@ -50,9 +50,9 @@ on each other); Inductor's compile workers are its default.
 
 On a GPU (`--device cuda`: bf16, the GPU synchronized before and after every timed call;
 `benchmarks/gpu.sh` runs it), `--scale released` gives the blocks FLUX.1's and SD3.5
-medium's widths at 1024x1024, and `--steady-only inductor-cudagraphs wavespeed-cudagraphs`
-adds per-step times under CUDA graphs (mode="reduce-overhead"), each against the Inductor
-with the same setting. Every configuration's first result is compared with the eager
+medium's widths at 1024x1024, `--configs` can add `inductor-cudagraphs wavespeed-cudagraphs`
+(CUDA graphs, mode="reduce-overhead"; each compared with the Inductor of its setting), and
+`--no-warm` leaves out the warm compiles and the session. Every configuration's first result is compared with the eager
 model's (relative L2, `error vs eager`).
 """
 
@@ -296,18 +296,18 @@ def measure(args) -> dict:
                                 "vec_isa_probe_s": _median(runs, "vec_isa_probe_s"),
                                 "dynamo_tracing_s": _median(runs, "dynamo_tracing_s"), "wavepass": runs[0]["wavepass"]}
             warms: dict[str, list[dict]] = {config: [] for config in args.configs}
-            for run in range(args.compile_runs):
+            for run in range(0 if args.no_warm else args.compile_runs):
                 for config in args.configs:
-                    kind = "warm" if run == 0 and not args.no_session else "first"
-                    warms[config].append(spawn(kind, model_name, [config], warm_dir, args))
-            for config, (session, *_) in warms.items():
-                rows[config].update(warm_compile_s=_median(warms[config], "first_call_s"),
-                                    warm_compile_runs_s=[r["first_call_s"] for r in warms[config]],
-                                    session_new_graphs=session.get("session_new_graphs"),
-                                    session_s=session.get("session_s"), session_error=session.get("session_error"))
+                    warms[config].append(spawn("warm" if run == 0 else "first", model_name, [config], warm_dir, args))
+            for config, runs in warms.items():
+                if runs:  # the first warm run also ran the session
+                    rows[config].update(warm_compile_s=_median(runs, "first_call_s"),
+                                        warm_compile_runs_s=[r["first_call_s"] for r in runs],
+                                        session_new_graphs=runs[0]["session_new_graphs"],
+                                        session_s=runs[0].get("session_s"), session_error=runs[0].get("session_error"))
             steadies = _steadies(model_name, warm_dir, args)
-        for row in rows.values():
-            row["cold_vs_inductor"] = row["cold_compile_s"] / rows["inductor"]["cold_compile_s"]
+        for config, row in rows.items():
+            row["cold_vs_inductor"] = row["cold_compile_s"] / rows[_baseline(config)]["cold_compile_s"]
         _add_per_step(model_name, rows, steadies, args)
     results["load_after"] = os.getloadavg()
     return results
@@ -331,16 +331,13 @@ def measure_steps_again(results: dict, args) -> dict:
 
 
 def _steadies(model_name: str, warm_dir: str, args) -> list[dict]:
-    """`steady` in two processes that load the configurations in opposite orders (the
-    `--steady-only` ones compile there, from the warm folder)."""
-    configs = [*args.configs, *args.steady_only]
-    return [spawn("steady", model_name, order, warm_dir, args) for order in (configs, configs[::-1])]
+    """`steady` in two processes that load the configurations in opposite orders."""
+    return [spawn("steady", model_name, order, warm_dir, args) for order in (args.configs, args.configs[::-1])]
 
 
 def _add_per_step(model_name: str, rows: dict, steadies: list[dict], args) -> None:
     """Each configuration's per-step figures into its row (`_per_step`); the row, on stderr."""
-    for config in [*args.configs, *args.steady_only]:
-        row = rows.setdefault(config, {})
+    for config, row in rows.items():
         row.update(_per_step(steadies, config))
         print(f"{model_name:8s} {config:20s} {json.dumps(row)}", file=sys.stderr, flush=True)
 
@@ -375,8 +372,7 @@ def _median(runs: list[dict], key: str) -> float:
 
 
 def markdown(results: dict) -> str:
-    """The table; a figure a row does not have (a `--steady-only` configuration's compile
-    times, a session not run) is `-`."""
+    """The table; a figure a row does not have (warm compiles or a session not run) is `-`."""
     device = results.get("device", "cpu")
     load = (f", load average before/after {results['load_before'][0]:.1f}/{results['load_after'][0]:.1f}"
             if results.get("load_after") else "")
@@ -465,15 +461,13 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda runs in bf16, cpu in fp32")
     parser.add_argument("--scale", choices=sorted(SCALES), default="small",
                         help="widths and sequence lengths (see `Scale`); released: for a GPU")
-    parser.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
-                        help="configurations measured in full (inductor first: the others' baseline)")
-    parser.add_argument("--steady-only", nargs="*", choices=CUDA_GRAPH_CONFIGS, default=[],
-                        help="configurations only timed per step (compiled in the steady processes)")
-    parser.add_argument("--no-session", action="store_true", help="skip the scripted session (recompile counts)")
+    parser.add_argument("--configs", nargs="+", choices=CONFIGS + CUDA_GRAPH_CONFIGS, default=list(CONFIGS),
+                        help="configurations (each is compared with the Inductor of its CUDA graphs setting)")
+    parser.add_argument("--no-warm", action="store_true",
+                        help="skip the warm compiles and the scripted session (for a short GPU lease)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "MODEL", "CONFIGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    measured = {*args.configs, *args.steady_only}
-    missing = {_baseline(c) for c in measured} - measured
+    missing = {_baseline(c) for c in args.configs} - set(args.configs)
     if missing:
         parser.error(f"{', '.join(sorted(missing))} must be measured too: the other rows' baseline")
     if args.child:
