@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# The checks and measurements that need a CUDA GPU, in one run that fits a short lease:
-#   1. tests/test_cuda.py (the backend against the reference cache on the GPU, CUDA graphs too);
-#   2. benchmarks/compile_time.py on FLUX-24 at FLUX.1's width, 1024x1024, bf16: cold compile
-#      and per-step time of wavespeed against plain Inductor, with and without CUDA graphs
-#      (one cold compile each; no warm compiles or session, which the CPU run measures).
-# On an H200 (2026-11-26) the tests took 141 s and a cold compile of this model 60 s
-# (Inductor) and 28 s (wavespeed), each child process ~20 s more: the two parts' time
-# limits (TEST_TIMEOUT, BENCH_TIMEOUT) add up to one 10-minute device command.
+# The checks and measurements that need a CUDA GPU:
+#   tests  tests/test_cuda.py (the backend against the reference cache on the GPU, CUDA graphs
+#          too; ~2.5 minutes on an H200);
+#   bench  benchmarks/compile_time.py on FLUX-24 at FLUX.1's width, 1024x1024, bf16: cold
+#          compile and per-step time of wavespeed against plain Inductor, with and without
+#          CUDA graphs (one cold compile each; warm compiles and the session are the CPU
+#          run's). On an H200 a cold compile took 60 s (Inductor) and 28 s (wavespeed), each
+#          child process ~20 s more: ~7 minutes in all.
+# Each part fits one 10-minute device command; run them as two commands back to back (the
+# machine stays warm between them) or as one (`all`, the default) where time allows.
 # Runs with the machine's own python3 and torch; wheels of packages it lacks (diffusers)
 # may be given in WHEELS (a folder), installed to a temporary site folder first.
-#     benchmarks/gpu.sh OUT_DIR
+#     benchmarks/gpu.sh OUT_DIR [tests|bench|all]
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu.sh OUT_DIR}
+out=${1:?usage: benchmarks/gpu.sh OUT_DIR [tests|bench|all]}
+part=${2:-all}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 if [ -n "${WHEELS:-}" ]; then
@@ -21,12 +24,16 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python3 -c "import torch, diffusers; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '|', torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
-started=$SECONDS
-timeout "${TEST_TIMEOUT:-170}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
-echo "tests: ${PIPESTATUS[0]} after $((SECONDS - started)) s"
-started=$SECONDS
-timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/compile_time.py --device cuda --scale released \
-    --models flux-24 --configs inductor wavespeed inductor-cudagraphs wavespeed-cudagraphs \
-    --compile-runs 1 --no-warm --steps 10 --repeats 5 \
-    --json "$out/compile-time-cuda.json" --md "$out/compile-time-cuda.md" 2>&1 | tee "$out/compile_time.log"
-echo "benchmark: ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+if [ "$part" = tests ] || [ "$part" = all ]; then
+    started=$SECONDS
+    timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+    echo "tests: ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+fi
+if [ "$part" = bench ] || [ "$part" = all ]; then
+    started=$SECONDS
+    timeout "${BENCH_TIMEOUT:-560}" python3 benchmarks/compile_time.py --device cuda --scale released \
+        --models flux-24 --configs inductor wavespeed inductor-cudagraphs wavespeed-cudagraphs \
+        --compile-runs 1 --no-warm --steps 10 --repeats 5 \
+        --json "$out/compile-time-cuda.json" --md "$out/compile-time-cuda.md" 2>&1 | tee "$out/compile_time.log"
+    echo "benchmark: ${PIPESTATUS[0]} after $((SECONDS - started)) s"
+fi
