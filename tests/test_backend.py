@@ -446,9 +446,10 @@ def test_backend_registers_without_import():
 
 
 def test_weights_are_static_inputs_of_the_pieces(flux, monkeypatch, no_fallback):
-    """Inductor is told which inputs of each piece are the model's weights (static inputs),
-    as it is for Dynamo's whole graph: CUDA graphs copy every other input into the graph's
-    memory at every replay. Over the pieces, the static inputs are plain Inductor's."""
+    """Under CUDA graphs (here on the CPU, where Inductor compiles as for them and records
+    none), Inductor is told which inputs of each piece are the model's weights (static
+    inputs), as it is for Dynamo's whole graph: CUDA graphs copy every other input into the
+    graph's memory at every replay. Over the pieces, the static inputs are plain Inductor's."""
     import torch._inductor.compile_fx as compile_fx
 
     static: list[int] = []
@@ -462,9 +463,9 @@ def test_weights_are_static_inputs_of_the_pieces(flux, monkeypatch, no_fallback)
     monkeypatch.setattr(compile_fx, "get_static_input_idxs", counting)
     call = flux.call_kwargs(flux.inputs["hidden_states"], torch.tensor([0.5]))
     with torch._functorch.config.patch(enable_autograd_cache=False):  # Inductor runs
-        torch.compile(flux.model, backend="inductor")(**call)
+        torch.compile(flux.model, backend="inductor", mode="reduce-overhead")(**call)
         (plain,) = static
         torch._dynamo.reset()
         static.clear()
-        compiled(flux.model, residual_diff_threshold=0.0)(**call)
+        compiled(flux.model, residual_diff_threshold=0.0, inductor={"triton.cudagraphs": True})(**call)
     assert plain > 0 and sum(static) == plain, (plain, static)

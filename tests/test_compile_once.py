@@ -123,9 +123,9 @@ def test_identical_blocks_compile_once(deep, caplog, monkeypatch, no_fallback):
 
 def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
     """A warm start: after this process compiled the model, a new process (same Inductor
-    cache folder) loads all three pieces and both block graphs from AOTAutograd's on-disk
-    cache instead of tracing them again, and finds every C++ library built: it runs no
-    compiler. The cache keys hold block structures and the names pieces call block graphs by,
+    cache folder) loads head, tail and both block graphs from AOTAutograd's on-disk cache
+    instead of tracing them again (`rest`, which only calls blocks, runs as Python), and
+    finds every C++ library built: it runs no compiler. The cache keys hold block structures and the names pieces call block graphs by,
     which must not name anything by memory address. The block graphs run as Inductor's
     compiled modules, without AOTAutograd's wrappers, in the new process too."""
     case = deep_case("flux")
@@ -141,13 +141,14 @@ def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
         "    t.call(case, torch.compile(case.model, backend='wavespeed', options={'residual_diff_threshold': 0.0}))\n"
         "from wavepass.block_op import _registry\n"
         "runs = sorted(type(s.run).__name__ for s in _registry.values())\n"
-        "print(json.dumps([dict(counters['aot_autograd']), runs]))\n"
+        "print(json.dumps([dict(counters['aot_autograd']), runs, dict(counters['wavepass'])]))\n"
     )
     tests = os.path.dirname(__file__)
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, tests], capture_output=True, text=True, check=True)
-    aot, runs = json.loads(done.stdout.strip().splitlines()[-1])
-    pieces_and_block_graphs = 3 + DEEP["flux"][4]
-    assert aot.get("autograd_cache_hit") == pieces_and_block_graphs and not aot.get("autograd_cache_miss"), aot
+    aot, runs, wavepass_counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert wavepass_counts["pieces"] == 3 and wavepass_counts["python_pieces"] == 1  # `rest` only calls blocks
+    head_tail_and_block_graphs = 2 + DEEP["flux"][4]
+    assert aot.get("autograd_cache_hit") == head_tail_and_block_graphs and not aot.get("autograd_cache_miss"), aot
     assert runs == ["CompiledFxGraph"] * DEEP["flux"][4]
     assert built_libraries() == libraries
 

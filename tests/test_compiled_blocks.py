@@ -2,9 +2,10 @@
 
 The pass alone (`call_compiled_blocks`, with stand-in structures that run the block graph as
 it is, no Inductor) on random stacks: chains of blocks are single calls and the program
-equals the model. Through the backend: a second model of the same architecture calls the
-block graphs the first one compiled, each with its own weights; block graphs live as long
-as a compiled piece that calls them.
+equals the model, also run as Python (`call_blocks_directly`) where it only calls blocks.
+Through the backend: a second model of the same architecture calls the block graphs the
+first one compiled, each with its own weights; block graphs live as long as a compiled
+piece that calls them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch._dynamo.utils import counters
 import wavepass
 from test_compile_once import DEEP, call, deep_case
 from wavepass import block_op
+from wavepass.passes.call_blocks_directly import call_blocks_directly, calls_only_blocks
 from wavepass.passes.call_compiled_blocks import blocks_called, call_compiled_blocks
 from wavepass.passes.fx_facts import example_value
 from wavepass.passes.outline_blocks import outline_blocks, structural_key
@@ -98,6 +100,11 @@ def test_chains_of_blocks_are_one_call_and_equal_the_model(streams, glue, seed):
     assert len(calls) == chains
     assert sum(map(blocks_called, calls)) == len(glue)
     assert not list(rewritten.children()), "the block graphs are called by name, not held"
+    assert calls_only_blocks(rewritten) == (not any(glue))  # `x * 0.5` is work of its own
+    direct = call_blocks_directly(rewritten)
+    assert not direct.graph.find_nodes(op="call_function", target=block_op.BLOCKS)
+    (got,) = direct(*graph_inputs)
+    torch.testing.assert_close(got, model(*inputs))
 
 
 def test_a_second_model_calls_the_block_graphs_of_the_first(caplog, no_fallback):

@@ -39,6 +39,7 @@ from torch.fx import GraphModule
 
 from .block_op import BLOCKS, Structure, call_directly_from_inductor, layouts, register, registered
 from .options import CacheOptions
+from .passes.call_blocks_directly import call_blocks_directly, calls_only_blocks
 from .passes.call_compiled_blocks import blocks_called, call_compiled_blocks, is_static
 from .passes.errors import CannotCache
 from .passes.fx_facts import example_value
@@ -140,9 +141,15 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
         try:
             structures, new = _compiled_structures(outlined, patches, options)
             piece = call_compiled_blocks(outlined, {kind: s.name for kind, s in structures.items()})
-            compiled = _Piece(_inductor(piece, example_inputs, patches, fake_mode, options),
-                              tuple(structures.values()))
-            detail = session.add(piece, structures, new)
+            # Under CUDA graphs Inductor compiles even a piece of calls: the graph recorded
+            # around the piece holds the calls' kernels.
+            python = calls_only_blocks(piece) and not records_cuda_graphs(options, mode)
+            run = call_blocks_directly(piece).forward if python else _inductor(
+                piece, example_inputs, patches, fake_mode, options)
+            compiled = _Piece(run, tuple(structures.values()))
+            detail = session.add(piece, structures, new) + (", run as Python" if python else "")
+            if python:
+                counters["wavepass"]["python_pieces"] += 1
         except Exception as exc:  # e.g. a block Inductor cannot compile as a subgraph
             log.info("wavespeed: compiling %s whole: its blocks failed to compile as subgraphs (%s: %s)",
                      name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
