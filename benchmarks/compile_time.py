@@ -52,8 +52,8 @@ On a GPU (`--device cuda`: bf16, the GPU synchronized before and after every tim
 `benchmarks/gpu.sh` runs it), `--scale released` gives the blocks FLUX.1's and SD3.5
 medium's widths at 1024x1024, `--configs` can add `inductor-cudagraphs wavespeed-cudagraphs`
 (CUDA graphs, mode="reduce-overhead"; each compared with the Inductor of its setting), and
-`--no-warm` leaves out the warm compiles and the session. Every configuration's first result is compared with the eager
-model's (relative L2, `error vs eager`).
+`--no-warm` leaves out the warm compiles and the session. Every configuration's first
+result is compared with the eager model's (relative L2, `error vs eager`).
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def measure(args) -> dict:
             steadies = _steadies(model_name, warm_dir, args)
         for config, row in rows.items():
             row["cold_vs_inductor"] = row["cold_compile_s"] / rows[_baseline(config)]["cold_compile_s"]
-        _add_per_step(model_name, rows, steadies, args)
+        _add_per_step(model_name, rows, steadies)
     results["load_after"] = os.getloadavg()
     return results
 
@@ -324,7 +324,7 @@ def measure_steps_again(results: dict, args) -> dict:
             for config in args.configs:
                 spawn("first", model_name, [config], warm_dir, args)
             steadies = _steadies(model_name, warm_dir, args)
-        _add_per_step(model_name, rows, steadies, args)
+        _add_per_step(model_name, rows, steadies)
     rerun["load_after"] = os.getloadavg()
     results["per_step_measured_again"] = rerun
     return results
@@ -335,7 +335,7 @@ def _steadies(model_name: str, warm_dir: str, args) -> list[dict]:
     return [spawn("steady", model_name, order, warm_dir, args) for order in (args.configs, args.configs[::-1])]
 
 
-def _add_per_step(model_name: str, rows: dict, steadies: list[dict], args) -> None:
+def _add_per_step(model_name: str, rows: dict, steadies: list[dict]) -> None:
     """Each configuration's per-step figures into its row (`_per_step`); the row, on stderr."""
     for config, row in rows.items():
         row.update(_per_step(steadies, config))

@@ -117,10 +117,13 @@ def piece_patches(options: CacheOptions, mode: str | None) -> dict[str, Any]:
 def records_cuda_graphs(options: CacheOptions, mode: str | None) -> bool:
     """Whether Inductor runs the pieces as CUDA graphs (on a CUDA device, e.g. with
     mode="reduce-overhead"): a graph's next replay overwrites the outputs of the last one."""
+    return options.compiler != "eager" and _cuda_graphs(piece_patches(options, mode))
+
+
+def _cuda_graphs(patches: dict[str, Any]) -> bool:
     from torch._inductor import config
 
-    return options.compiler != "eager" and bool(
-        piece_patches(options, mode).get("triton.cudagraphs", config.triton.cudagraphs))
+    return bool(patches.get("triton.cudagraphs", config.triton.cudagraphs))
 
 
 def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
@@ -143,7 +146,7 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
             piece = call_compiled_blocks(outlined, {kind: s.name for kind, s in structures.items()})
             # Under CUDA graphs Inductor compiles even a piece of calls: the graph recorded
             # around the piece holds the calls' kernels.
-            python = calls_only_blocks(piece) and not records_cuda_graphs(options, mode)
+            python = calls_only_blocks(piece) and not _cuda_graphs(patches)
             run = call_blocks_directly(piece).forward if python else _inductor(
                 piece, example_inputs, patches, fake_mode, options)
             compiled = _Piece(run, tuple(structures.values()))
