@@ -29,7 +29,8 @@ from wavepass.passes.errors import UnsafeCut
 from wavepass.passes.outline_blocks import outline_blocks
 
 # (case, extra blocks, blocks, outlined blocks, block graphs). Blocks are outlined where their
-# structure occurs twice or more among the pieces; one block graph per such structure.
+# structure occurs twice or more among the pieces, or where that makes a piece only block
+# calls (which runs as Python); one block graph per outlined structure.
 # Why the structures differ:
 # FLUX: dual blocks 0-2 match (block 0 runs in the head; its indexing of the rotary
 # embedding, which the partition hoists out of the later blocks, is peeled off as glue);
@@ -39,10 +40,11 @@ from wavepass.passes.outline_blocks import outline_blocks
 # two slices, which stay outside the subgraph, so the last block's unused text slice makes
 # no difference): block graphs for duals 0-2 and singles 0-3. SD3 (no rotary embedding):
 # blocks 0-2 match (block 0 in the head calls the block graph of 1-2 in `rest`); the last
-# block is `context_pre_only` (no text output).
+# block is `context_pre_only` (no text output), a structure of its own, outlined so that
+# `rest` is block calls only.
 DEEP = {
     "flux": (models.flux, dict(num_layers=3, num_single_layers=4), 7, 7, 2),
-    "sd3": (models.sd3, dict(num_layers=4), 4, 3, 1),
+    "sd3": (models.sd3, dict(num_layers=4), 4, 4, 2),
 }
 INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 
@@ -87,7 +89,7 @@ def test_outline_groups_blocks_by_structure(deep, no_fallback):
 
 
 def test_identical_blocks_compile_once(deep, caplog, monkeypatch, no_fallback):
-    """Inductor compiles one graph per repeated block structure, not one per block nor one
+    """Inductor compiles one graph per outlined block structure, not one per block nor one
     per piece (counted where Inductor lowers subgraphs inside a graph and where it is handed
     a block graph of its own; its FX graph cache is off here, so that everything is
     lowered), and the compiled program equals the eager model."""
@@ -118,6 +120,7 @@ def test_identical_blocks_compile_once(deep, caplog, monkeypatch, no_fallback):
     assert counters["wavepass"]["blocks"] == outlined
     assert counters["wavepass"]["block_graphs"] == block_graphs
     assert len(lowered) == block_graphs
+    assert counters["wavepass"]["python_pieces"] == 1  # `rest` is block calls only
     assert f"{outlined} block(s) as calls of {block_graphs} compiled block graph(s)" in caplog.text
 
 

@@ -1,7 +1,8 @@
 """Block structures compiled once for all pieces, called through `wavepass.blocks`.
 
 The pass alone (`call_compiled_blocks`, with stand-in structures that run the block graph as
-it is, no Inductor) on random stacks: chains of blocks are single calls and the program
+it is, no Inductor) on random stacks, some ending in a block of a structure of its own
+(outlined with `every_block`, else inline): chains of blocks are single calls and the program
 equals the model, also run as Python (`call_blocks_directly`) where it only calls blocks.
 Through the backend: a second model of the same architecture calls the block graphs the
 first one compiled, each with its own weights; block graphs live as long as a compiled
@@ -30,11 +31,12 @@ from wavepass.passes.outline_blocks import outline_blocks, structural_key
 
 
 class Block(nn.Module):
-    """A residual block on one stream (`x`) or two (`x` and the text stream `c`)."""
+    """A residual block on one stream (`x`) or two (`x` and the text stream `c`); an `odd`
+    one ends in a `tanh`, a structure of its own (as SD3's last block is)."""
 
-    def __init__(self, streams: int):
+    def __init__(self, streams: int, odd: bool = False):
         super().__init__()
-        self.streams = streams
+        self.streams, self.odd = streams, odd
         self.scale = nn.Linear(4, 8)
         self.mlp = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))
 
@@ -42,16 +44,16 @@ class Block(nn.Module):
         x = x + self.mlp(x * (1 + self.scale(temb)))
         if self.streams == 2:
             c = c + self.mlp(c) * 0.5
-        return x, c
+        return (torch.tanh(x) if self.odd else x), c
 
 
 class Stack(nn.Module):
     """Blocks with optional glue after each: `x * 0.5` breaks a chain of calls."""
 
-    def __init__(self, streams: int, glue: list[bool]):
+    def __init__(self, streams: int, glue: list[bool], odd_last: bool = False):
         super().__init__()
         self.glue = glue
-        self.blocks = nn.ModuleList(Block(streams) for _ in glue)
+        self.blocks = nn.ModuleList(Block(streams, odd_last and i == len(glue) - 1) for i in range(len(glue)))
 
     def forward(self, x, c, temb):
         for block, glue in zip(self.blocks, self.glue):
@@ -83,24 +85,29 @@ def stand_in_structures(outlined: torch.fx.GraphModule) -> dict[str, block_op.St
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(streams=st.sampled_from([1, 2]), glue=st.lists(st.booleans(), min_size=2, max_size=6), seed=st.integers(0, 2**16))
-def test_chains_of_blocks_are_one_call_and_equal_the_model(streams, glue, seed):
+@given(streams=st.sampled_from([1, 2]), glue=st.lists(st.booleans(), min_size=3, max_size=6),
+       odd_last=st.booleans(), every_block=st.booleans(), seed=st.integers(0, 2**16))
+def test_chains_of_blocks_are_one_call_and_equal_the_model(streams, glue, odd_last, every_block, seed):
     torch.manual_seed(seed)
-    model = Stack(streams, glue).eval()
+    model = Stack(streams, glue, odd_last).eval()
     inputs = (torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 4))
     torch._dynamo.reset()
     gm, graph_inputs = dynamo_graph(model, *inputs)
-    outlined = outline_blocks(gm)
+    outlined = outline_blocks(gm, every_block=every_block)
     structures = stand_in_structures(outlined)
     rewritten = call_compiled_blocks(outlined, {kind: s.name for kind, s in structures.items()})
     calls = rewritten.graph.find_nodes(op="call_function", target=block_op.BLOCKS)
     (got,) = rewritten(*graph_inputs)
     torch.testing.assert_close(got, model(*inputs))
-    chains = 1 + sum(glue[:-1])  # glue after a block ends its chain (after the last: no call follows)
+    inline = odd_last and not every_block  # a structure that occurs once stays inline unless asked
+    assert len(structures) == 1 + (odd_last and every_block)
+    # glue after a block ends its chain (after the last: no call follows); an odd last block
+    # is a call of its own, or none (inline)
+    chains = 1 + sum(glue[:-2]) + (every_block if odd_last else glue[-2])
     assert len(calls) == chains
-    assert sum(map(blocks_called, calls)) == len(glue)
+    assert sum(map(blocks_called, calls)) == len(glue) - inline
     assert not list(rewritten.children()), "the block graphs are called by name, not held"
-    assert calls_only_blocks(rewritten) == (not any(glue))  # `x * 0.5` is work of its own
+    assert calls_only_blocks(rewritten) == (not any(glue) and not inline)  # `x * 0.5` is work of its own
     direct = call_blocks_directly(rewritten)
     assert not direct.graph.find_nodes(op="call_function", target=block_op.BLOCKS)
     (got,) = direct(*graph_inputs)

@@ -138,15 +138,13 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     started = time.perf_counter()
     recorded_mode = fake_mode if fake_mode is not None else _placeholders_mode(gm, len(example_inputs))
     session = _session_of(recorded_mode)
-    outlined = _outlined(gm, recorded_mode, name, occurrences) if options.outline_blocks else None
+    outlined = _outlined(gm, recorded_mode, name, occurrences, patches) if options.outline_blocks else None
     compiled = None
     if outlined is not None:
         try:
             structures, new = _compiled_structures(outlined, patches, options)
             piece = call_compiled_blocks(outlined, {kind: s.name for kind, s in structures.items()})
-            # Under CUDA graphs Inductor compiles even a piece of calls: the graph recorded
-            # around the piece holds the calls' kernels.
-            python = calls_only_blocks(piece) and not _cuda_graphs(patches)
+            python = _runs_as_python(piece, patches)
             run = call_blocks_directly(piece).forward if python else _inductor(
                 piece, example_inputs, patches, fake_mode, options)
             compiled = _Piece(run, tuple(structures.values()))
@@ -177,17 +175,41 @@ def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
 
 
 def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str,
-              occurrences: Counter[Hashable] | None) -> GraphModule | None:
+              occurrences: Counter[Hashable] | None, patches: dict[str, Any]) -> GraphModule | None:
     """`gm` with its blocks as subgraph calls, or None (compile it whole) with the reason
     logged. The pass reads the values Dynamo recorded on every node (`example_value`): no
-    node is run again, not even on fake tensors."""
+    node is run again, not even on fake tensors.
+
+    Blocks of a structure that occurs once stay inline, unless outlining them too leaves a
+    piece that runs as Python (`_runs_as_python`): SD3's `rest` holds its last block, which
+    differs from the others; compiled as a block graph of its own, that one block costs
+    less than Inductor's compile of a piece over every block's weights."""
     if recorded_mode is None or torch.is_grad_enabled():
         return None  # no recorded values to key blocks by / training: compile it as Dynamo gave it
     try:
-        return outline_blocks(gm, occurrences)
+        outlined = outline_blocks(gm, occurrences)
     except CannotCache as exc:
         log.info("wavespeed: compiling %s whole: %s", name, exc)
         return None
+    if _cuda_graphs(patches) or _runs_as_python(_calling(outlined, patches), patches):
+        return outlined
+    try:
+        every = outline_blocks(gm, occurrences, every_block=True)
+    except CannotCache:  # a block of its own structure that cannot be a subgraph stays inline
+        return outlined
+    return every if _runs_as_python(_calling(every, patches), patches) else outlined
+
+
+def _runs_as_python(piece: GraphModule, patches: dict[str, Any]) -> bool:
+    """Whether `piece` (after `call_compiled_blocks`) runs as Python rather than through
+    Inductor: it only calls blocks. Under CUDA graphs Inductor compiles even a piece of
+    calls: the graph recorded around the piece holds the calls' kernels."""
+    return calls_only_blocks(piece) and not _cuda_graphs(patches)
+
+
+def _calling(outlined: GraphModule, patches: dict[str, Any]) -> GraphModule:
+    """`outlined` as `call_compiled_blocks` would make it, nothing compiled."""
+    return call_compiled_blocks(outlined, _structure_names(outlined, patches))
 
 
 def _structures_in(gm: GraphModule) -> Counter[Hashable]:
@@ -200,24 +222,36 @@ def _structures_in(gm: GraphModule) -> Counter[Hashable]:
 def _compiled_structures(outlined: GraphModule, patches: dict[str, Any],
                          options: CacheOptions) -> tuple[dict[str, Structure], int]:
     """The compiled structure for each static block subgraph of `outlined` (by attribute),
-    compiled on its own where no live one has its name, and how many were compiled. No
-    CUDA graphs inside: the calling piece may record one around the whole piece."""
+    compiled on its own where no live one has its name, and how many were compiled."""
     call_directly_from_inductor()
-    patches = {**patches, "triton.cudagraphs": False}
     found: dict[str, Structure] = {}
     compiled = 0
-    for kind, subgraph in outlined.named_children():
-        if "structure" not in getattr(subgraph, "meta", {}) or not is_static(subgraph):
-            continue
-        key = subgraph.meta["structure"]
-        program = (key, sorted(patches.items()), _autocast_state(subgraph))
-        name = "wp_" + hashlib.sha256(repr(program).encode()).hexdigest()[:20]
+    for kind, name in _structure_names(outlined, patches).items():
         structure = registered(name)
         if structure is None:
-            structure = _compile_structure(name, key, subgraph, patches, options)
+            subgraph = getattr(outlined, kind)
+            structure = _compile_structure(name, subgraph.meta["structure"], subgraph,
+                                           _block_patches(patches), options)
             compiled += 1
         found[kind] = structure
     return found, compiled
+
+
+def _structure_names(outlined: GraphModule, patches: dict[str, Any]) -> dict[str, str]:
+    """The registry name of each static block subgraph of `outlined`, by attribute: a hash
+    of its structure, Inductor's patches and the autocast state it is compiled under."""
+    names = {}
+    for kind, subgraph in outlined.named_children():
+        if "structure" in getattr(subgraph, "meta", {}) and is_static(subgraph):
+            program = (subgraph.meta["structure"], sorted(_block_patches(patches).items()),
+                       _autocast_state(subgraph))
+            names[kind] = "wp_" + hashlib.sha256(repr(program).encode()).hexdigest()[:20]
+    return names
+
+
+def _block_patches(patches: dict[str, Any]) -> dict[str, Any]:
+    """A piece's patches less CUDA graphs: the calling piece may record one around itself."""
+    return {**patches, "triton.cudagraphs": False}
 
 
 def _autocast_state(subgraph: GraphModule) -> tuple[tuple[str, bool, torch.dtype], ...]:

@@ -5,8 +5,10 @@ own weights (`call_compiled_blocks` makes the calls of static subgraphs calls of
 graph compiled on its own; Inductor lowers the others once per graph); the glue between
 blocks stays inline. The calls are `torch.ops.higher_order.invoke_subgraph`, the operator
 `torch.compiler.nested_compile_region` produces. A block whose structure occurs once (in
-the graph, or among the graphs `occurrences` counts) stays inline: a subgraph would only add
-a call and block fusion with its neighbours.
+the graph, or among the graphs `occurrences` counts) stays inline, since a subgraph would
+only add a call and block fusion with its neighbours, unless `every_block` asks for it too
+(SD3's last block, which differs from the others: as a subgraph call, `rest` is then only
+block calls, which need no compile of their own; see `call_blocks_directly`).
 
     before (one piece, e.g. `rest`)               after
     -------------------------------------------   ----------------------------------------------
@@ -90,22 +92,23 @@ class _Block:
     key: Hashable
 
 
-def outline_blocks(gm: GraphModule, occurrences: Mapping[Hashable, int] | None = None) -> GraphModule:
+def outline_blocks(gm: GraphModule, occurrences: Mapping[Hashable, int] | None = None,
+                   every_block: bool = False) -> GraphModule:
     """`gm` with each block whose structure repeats a call of that structure's subgraph
     (attribute `block_kind_<k>`, whose `meta["structure"]` is its `structural_key`); blocks
-    of a structure that occurs once, and glue, are copied as they are. `occurrences` counts
-    the structures over several graphs (`block_structures`, summed), so that a block alone
-    in its graph is outlined too where its structure occurs in another; by default, over
-    `gm` alone."""
+    of a structure that occurs once (unless `every_block`), and glue, are copied as they
+    are. `occurrences` counts the structures over several graphs (`block_structures`,
+    summed), so that a block alone in its graph is outlined too where its structure occurs
+    in another; by default, over `gm` alone."""
     sizes = _size_symbols(gm)
     segments = segments_of(gm)
     blocks = {s: _block(gm, s, sizes) for s in segments if s.tag is not None}
     if occurrences is None:
         occurrences = Counter(block.key for block in blocks.values())
-    repeated = {s: block for s, block in blocks.items() if occurrences.get(block.key, 0) > 1}
-    if not repeated:
+    if not any(occurrences.get(block.key, 0) > 1 for block in blocks.values()):
         raise NoRepeatedBlocks(f"no block structure occurs twice among the graph's {len(blocks)} block(s)")
-    for block in repeated.values():
+    outlined = {s: block for s, block in blocks.items() if every_block or occurrences.get(block.key, 0) > 1}
+    for block in outlined.values():
         _check_writes_stay_inside(block.segment)
         _check_fresh(block)
     graph = Graph()
@@ -118,7 +121,7 @@ def outline_blocks(gm: GraphModule, occurrences: Mapping[Hashable, int] | None =
                 root[node.target] = functools.reduce(getattr, node.target.split("."), gm)
     kinds: dict[Hashable, str] = {}
     for segment in segments:
-        block = repeated.get(segment)
+        block = outlined.get(segment)
         if block is None:
             for node in segment.nodes:
                 env[node] = graph.node_copy(node, env.__getitem__)
