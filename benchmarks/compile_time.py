@@ -276,7 +276,7 @@ def measure(args) -> dict:
     models = QUICK if args.quick else MODELS
     results: dict = {"torch": torch.__version__, "wavepass": wavepass.__version__, "cpus": os.cpu_count(), "device": _device_name(args.device),
                      "scale": args.scale, "load_before": os.getloadavg(), "quick": args.quick,
-                     "sizes": models, "models": {}}
+                     "steps": args.steps, "repeats": args.repeats, "sizes": models, "models": {}}
     for model_name in args.models or list(models):
         rows = results["models"][model_name] = {}
         with tempfile.TemporaryDirectory(prefix=f"wavepass-{model_name}-") as work:
@@ -318,7 +318,8 @@ def measure_steps_again(results: dict, args) -> dict:
     measurements as they are (for a change of the per-step protocol alone): each
     configuration compiles once into a fresh folder (not timed), then `steady` as in
     `measure`. The results say when this was done and under what load."""
-    rerun = {"at": time.strftime("%Y-%m-%d %H:%M"), "load_before": os.getloadavg()}
+    rerun = {"at": time.strftime("%Y-%m-%d %H:%M"), "steps": args.steps, "repeats": args.repeats,
+             "load_before": os.getloadavg()}
     for model_name, rows in results["models"].items():
         with tempfile.TemporaryDirectory(prefix=f"wavepass-{model_name}-") as warm_dir:
             for config in args.configs:
@@ -414,8 +415,9 @@ def _again(results: dict) -> str:
     again = results.get("per_step_measured_again")
     if not again:
         return ""
-    return (f"; per-step times measured again on {again['at']} (`--steps-again`), load average "
-            f"before/after {again['load_before'][0]:.1f}/{again['load_after'][0]:.1f}")
+    rounds = f", {again['repeats']} rounds" if "repeats" in again else ""
+    return (f"; per-step times measured again on {again['at']} (`--steps-again`{rounds}), load "
+            f"average before/after {again['load_before'][0]:.1f}/{again['load_after'][0]:.1f}")
 
 
 def plot(results: dict, path: str) -> None:
