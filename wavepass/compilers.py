@@ -138,12 +138,12 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     started = time.perf_counter()
     recorded_mode = fake_mode if fake_mode is not None else _placeholders_mode(gm, len(example_inputs))
     session = _session_of(recorded_mode)
-    outlined = _outlined(gm, recorded_mode, name, occurrences, patches) if options.outline_blocks else None
+    found = _outlined(gm, recorded_mode, name, occurrences, patches) if options.outline_blocks else None
     compiled = None
-    if outlined is not None:
+    if found is not None:
+        outlined, piece = found
         try:
             structures, new = _compiled_structures(outlined, patches, options)
-            piece = call_compiled_blocks(outlined, {kind: s.name for kind, s in structures.items()})
             python = _runs_as_python(piece, patches)
             run = call_blocks_directly(piece).forward if python else _inductor(
                 piece, example_inputs, patches, fake_mode, options)
@@ -175,10 +175,12 @@ def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
 
 
 def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str,
-              occurrences: Counter[Hashable] | None, patches: dict[str, Any]) -> GraphModule | None:
-    """`gm` with its blocks as subgraph calls, or None (compile it whole) with the reason
-    logged. The pass reads the values Dynamo recorded on every node (`example_value`): no
-    node is run again, not even on fake tensors.
+              occurrences: Counter[Hashable] | None,
+              patches: dict[str, Any]) -> tuple[GraphModule, GraphModule] | None:
+    """`gm` with its blocks as subgraph calls, and that graph as `call_compiled_blocks` makes
+    it (its static block subgraphs called by their registry names, `_structure_names`); or
+    None (compile it whole) with the reason logged. The pass reads the values Dynamo
+    recorded on every node (`example_value`): no node is run again, not even on fake tensors.
 
     Blocks of a structure that occurs once stay inline, unless outlining them too leaves a
     piece that runs as Python (`_runs_as_python`): SD3's `rest` holds its last block, which
@@ -191,13 +193,15 @@ def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str,
     except CannotCache as exc:
         log.info("wavespeed: compiling %s whole: %s", name, exc)
         return None
-    if _cuda_graphs(patches) or _runs_as_python(_calling(outlined, patches), patches):
-        return outlined
+    found = outlined, _calling(outlined, patches)
+    if _cuda_graphs(patches) or _runs_as_python(found[1], patches):
+        return found
     try:
         every = outline_blocks(gm, occurrences, every_block=True)
     except CannotCache:  # a block of its own structure that cannot be a subgraph stays inline
-        return outlined
-    return every if _runs_as_python(_calling(every, patches), patches) else outlined
+        return found
+    calling = _calling(every, patches)
+    return (every, calling) if _runs_as_python(calling, patches) else found
 
 
 def _runs_as_python(piece: GraphModule, patches: dict[str, Any]) -> bool:
@@ -241,10 +245,10 @@ def _structure_names(outlined: GraphModule, patches: dict[str, Any]) -> dict[str
     """The registry name of each static block subgraph of `outlined`, by attribute: a hash
     of its structure, Inductor's patches and the autocast state it is compiled under."""
     names = {}
+    block_patches = sorted(_block_patches(patches).items())
     for kind, subgraph in outlined.named_children():
         if "structure" in getattr(subgraph, "meta", {}) and is_static(subgraph):
-            program = (subgraph.meta["structure"], sorted(_block_patches(patches).items()),
-                       _autocast_state(subgraph))
+            program = (subgraph.meta["structure"], block_patches, _autocast_state(subgraph))
             names[kind] = "wp_" + hashlib.sha256(repr(program).encode()).hexdigest()[:20]
     return names
 

@@ -105,9 +105,10 @@ def outline_blocks(gm: GraphModule, occurrences: Mapping[Hashable, int] | None =
     blocks = {s: _block(gm, s, sizes) for s in segments if s.tag is not None}
     if occurrences is None:
         occurrences = Counter(block.key for block in blocks.values())
-    if not any(occurrences.get(block.key, 0) > 1 for block in blocks.values()):
+    repeated = {s: block for s, block in blocks.items() if occurrences.get(block.key, 0) > 1}
+    if not repeated:
         raise NoRepeatedBlocks(f"no block structure occurs twice among the graph's {len(blocks)} block(s)")
-    outlined = {s: block for s, block in blocks.items() if every_block or occurrences.get(block.key, 0) > 1}
+    outlined = blocks if every_block else repeated
     for block in outlined.values():
         _check_writes_stay_inside(block.segment)
         _check_fresh(block)
