@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The checks and measurements that need a CUDA GPU:
 #   tests  tests/test_cuda.py (the backend against the reference cache on the GPU, CUDA graphs
-#          too; ~2.5 minutes on an H200);
+#          too; ~3 minutes on an H100 or H200);
 #   bench  benchmarks/compile_time.py on FLUX-24 at FLUX.1's width, 1024x1024, bf16: cold
 #          compile and per-step time of wavespeed against plain Inductor, with and without
 #          CUDA graphs (one cold compile each; warm compiles and the session are the CPU
-#          run's). On an H200 a cold compile took 60 s (Inductor) and 28 s (wavespeed), each
-#          child process ~20 s more: ~7 minutes in all.
+#          run's). On an H100 the four cold compiles took 27-48 s each, each child process
+#          ~50 s more: ~6.5 minutes in all.
 # Each part fits one 10-minute device command; run them as two commands back to back (the
 # machine stays warm between them) or as one (`all`, the default) where time allows.
 # Runs with the machine's own python3 and torch; wheels of packages it lacks (diffusers)
