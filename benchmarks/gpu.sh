@@ -5,8 +5,8 @@
 #   bench  benchmarks/compile_time.py on FLUX-24 at FLUX.1's width, 1024x1024, bf16: cold
 #          compile and per-step time of wavespeed against plain Inductor, with and without
 #          CUDA graphs (one cold compile each; warm compiles and the session are the CPU
-#          run's). On an H100 the four cold compiles took 27-48 s each, each child process
-#          ~50 s more: ~6.5 minutes in all.
+#          run's). On an H100 the four cold compiles took 27-48 s each, each configuration
+#          ~60 s more (model build, eager reference, steps): 6.4 minutes in all.
 # Each part fits one 10-minute device command; run them as two commands back to back (the
 # machine stays warm between them) or as one (`all`, the default) where time allows.
 # Runs with the machine's own python3 and torch; wheels of packages it lacks (diffusers)
