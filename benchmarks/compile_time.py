@@ -452,7 +452,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small models (development)")
     parser.add_argument("--models", nargs="+", help=f"default: all of {sorted(MODELS)} ({sorted(QUICK)} with --quick)")
     parser.add_argument("--steps", type=int, default=20, help="timed calls in a row per turn")
-    parser.add_argument("--repeats", type=int, default=15, help="rounds of turns")
+    parser.add_argument("--repeats", type=int, default=30, help="rounds of turns")
     parser.add_argument("--compile-runs", type=int, default=3,
                         help="cold and warm compiles per config (median reported)")
     parser.add_argument("--json", metavar="PATH")
