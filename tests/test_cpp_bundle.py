@@ -150,7 +150,7 @@ def test_what_the_bundle_cannot_take_is_left_to_inductor(argtypes, source):
 
 def test_a_failed_bundle_build_falls_back_to_per_kernel_builds(monkeypatch, caplog):
     """Simulated compiler failure (the real compiler does not fail on Inductor's kernels)."""
-    def broken(source):
+    def broken(source, **flags):
         raise RuntimeError("simulated compiler crash")
 
     monkeypatch.setattr(BundleCodeCache, "load", broken)
@@ -164,7 +164,35 @@ def test_a_failed_bundle_build_falls_back_to_per_kernel_builds(monkeypatch, capl
     assert len(warnings) == 1 and "simulated compiler crash" in warnings[0].getMessage()
 
 
-def test_the_bundle_is_active_only_inside_the_context():
+@pytest.mark.skipif(not cpp_bundle._has_gold(), reason="GNU gold is not installed")
+@pytest.mark.parametrize("linker_works", [True, False])
+def test_bundles_link_with_gold_and_fall_back_to_the_default_linker(monkeypatch, tmp_path, linker_works):
+    """Where gold is installed a bundle is linked with it; where that link fails (here the
+    real compiler finds a broken `ld.gold` first on its `COMPILER_PATH`), the bundle is built
+    again with the compiler's default linker, and later bundles go straight to it."""
+    loads: list[tuple] = []
+    load = BundleCodeCache.load
+
+    def recorded(source, **flags):
+        loads.append(tuple(flags.get("extra_flags", ())))
+        return load(source, **flags)
+
+    monkeypatch.setattr(BundleCodeCache, "load", recorded)
+    monkeypatch.setattr(cpp_bundle, "_failures", set())
+    if not linker_works:
+        broken = tmp_path / "ld.gold"
+        broken.write_text("#!/bin/sh\necho 'simulated broken gold' >&2\nexit 1\n")
+        broken.chmod(0o755)
+        monkeypatch.setenv("COMPILER_PATH", str(tmp_path))
+    x = torch.arange(4, dtype=torch.float32)
+    for factor in (7.0, -2.0) if linker_works else (5.0, -6.0):  # sources not built before
+        module = cpp_bundle._build_chunk([Kernel(ARGTYPES, SCALE % f"{factor}f")])
+        out = torch.zeros(4)
+        module.kernel_0(x, out, 4)
+        assert torch.equal(out, x * factor)
+    gold = cpp_bundle._GOLD
+    assert loads == ([gold, gold] if linker_works else [gold, (), ()])
+
     original = torch._inductor.async_compile.AsyncCompile.cpp_pybinding
     with bundled_cpp_kernels():
         assert torch._inductor.async_compile.AsyncCompile.cpp_pybinding is not original
