@@ -193,6 +193,8 @@ def test_bundles_link_with_gold_and_fall_back_to_the_default_linker(monkeypatch,
     gold = cpp_bundle._GOLD
     assert loads == ([gold, gold] if linker_works else [gold, (), ()])
 
+
+def test_the_bundle_is_active_only_inside_the_context():
     original = torch._inductor.async_compile.AsyncCompile.cpp_pybinding
     with bundled_cpp_kernels():
         assert torch._inductor.async_compile.AsyncCompile.cpp_pybinding is not original

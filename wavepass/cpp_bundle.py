@@ -28,11 +28,11 @@ links against libtorch_cpu (434 MB here), whose symbol table GNU ld reads in ~0.
 in ~0.1 s, a fifth of a small bundle's build; where a link with gold fails, the bundle is
 built again with the compiler's default linker, which the process then keeps to. Libraries
 are cached on disk like Inductor's (keyed by the bundled source and the compile command), so
-a warm start finds them. A kernel the bundle cannot take
-(not one `extern "C"` entry named `kernel`, an argument type Inductor's binding does not
-parse, or a preprocessor directive other than `#include` and `#pragma`) and every kernel of
-a chunk that fails to build are built Inductor's way, one by one: the results never depend
-on the bundle, and the failure is logged once.
+a warm start finds them. A kernel the bundle cannot take (not one `extern "C"` entry named
+`kernel`, an argument type Inductor's binding does not parse, or a preprocessor directive
+other than `#include` and `#pragma`) and every kernel of a chunk that fails to build are
+built Inductor's way, one by one: the results never depend on the bundle, and the failure
+is logged once.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ _MIN_BATCH = 8  # a graph with fewer kernels waits inside `batched_builds` for o
 _BUILD_NICENESS = 10  # added to the builds' nice value (`_yield_to_lowering`)
 _GOLD = ("-fuse-ld=gold",)
 _ORIGINAL = {"cpp_pybinding": AsyncCompile.cpp_pybinding, "wait": AsyncCompile.wait}
-_failures: set[str] = set()
+_failures: set[str] = set()  # the build failures logged so far, and "gold" once a link with gold failed
 _running: set[Future[Any]] = set()
 _waiting: list[list[tuple[str, Kernel, dict[str, Any]]]] = []  # one batch per active `batched_builds`
 
