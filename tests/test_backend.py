@@ -254,7 +254,9 @@ def test_grad_mode_compiles_plainly_and_keeps_autograd(flux):
     assert flux.model.proj_out.weight.grad is not None
     flux.model.zero_grad(set_to_none=True)
     torch.testing.assert_close(out.detach(), flux.model(**kwargs)[0])
-    assert wavepass.stats(flux.model).calls == 0
+    stats = wavepass.stats(flux.model)  # both calls ran uncached, and stats says why
+    assert (stats.calls, stats.hits) == (2, 0) and "grad mode is on" in stats.reason
+    assert str(stats).startswith("wavespeed: skipped 0 of 2 model calls (not cached: grad mode is on")
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,13 @@ The backend is also registered through the `torch_dynamo_backends` entry point, 
 above works without `import wavepass`. This module adds the runtime API:
 
     wavepass.reset(model)            start a new generation (forget stored residuals)
-    wavepass.stats(model)            Stats(calls, hits, decisions) since the last reset
+    wavepass.stats(model)            Stats(calls, hits, decisions, reason) since the last reset
+    with wavepass.cache_settings(residual_diff_threshold=0.2):
+                                     calls inside decide with these settings (no recompile)
     with wavepass.cache_context(n):  separate cache state per name (e.g. CFG branches)
     with wavepass.skipping(False):   calls inside run every block (start/end windows)
     with wavepass.same_step(t):      calls with an equal key decide together (chunked CFG)
+    with wavepass.watch(model):      a call Dynamo did not compile is counted and said
 """
 
 from __future__ import annotations
@@ -19,13 +22,14 @@ from __future__ import annotations
 from torch._dynamo import list_backends, register_backend
 
 from .backend import wavespeed
-from .options import CacheOptions
-from .runtime import Stats, cache_context, current_context, reset, same_step, skipping, stats
+from .notices import WavespeedWarning
+from .options import CacheOptions, CacheSettings
+from .runtime import (Stats, cache_context, cache_settings, current_context, reset, same_step, skipping,
+                      stats, watch)
 
 __all__ = [
-    "CacheOptions", "Stats", "cache_context", "current_context", "reset", "same_step", "skipping",
-    "stats",
-    "wavespeed",
+    "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
+    "current_context", "reset", "same_step", "skipping", "stats", "watch", "wavespeed",
 ]
 __version__ = "0.1.0"
 

@@ -5,7 +5,12 @@
         -> each piece compiled by Inductor -> CachedProgram (runtime.py)
 
 Graphs the cache cannot handle (no repeated blocks, a cut it cannot prove correct, grad
-mode) are compiled whole, as `backend="inductor"` would, after one warning per reason.
+mode) are compiled whole, as `backend="inductor"` would, after one warning per reason, and
+run as an `UncachedProgram` that counts its calls with that reason for `wavepass.stats`.
+
+The cache settings in `options=` (threshold, hit limit, warm-up) are only the program's
+defaults: the program reads them at every call (`wavepass.cache_settings` overrides them),
+so they never need another compile.
 """
 
 from __future__ import annotations
@@ -17,26 +22,31 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .compilers import compile_pieces, plain_fallback, records_cuda_graphs
+from .diagnosis import frame_outside
+from .distributed import decision_reducer
 from .options import CacheOptions
-from .passes.errors import CannotCache
+from .passes.errors import CannotCache, NoRepeatedBlocks
 from .passes.find_blocks import find_blocks
 from .passes.fx_facts import example_value
 from .passes.partition import CachedPartition, Piece, partition
-from .runtime import CachedProgram, Wiring
+from .runtime import CachedProgram, UncachedProgram, Wiring, watched_module
 
 
 def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
               mode: str | None = None) -> Any:
     """Dynamo backend entry point (registered as "wavespeed")."""
     opts = CacheOptions.from_dict(options)
+    mode = mode if mode is not None else opts.mode
     if torch.is_grad_enabled():
-        return plain_fallback(gm, example_inputs, opts, mode,
-                              "grad mode is on (training, or a call outside torch.no_grad()), "
-                              "where cached steps would have no gradient")
+        return _uncached(gm, example_inputs, opts, mode,
+                         "grad mode is on (training, or a call outside torch.no_grad()), "
+                         "where cached steps would have no gradient")
     try:
         part = _first_partition(gm)
+    except NoRepeatedBlocks as exc:
+        return _uncached(gm, example_inputs, opts, mode, frame_outside(watched_module()) or str(exc))
     except CannotCache as exc:
-        return plain_fallback(gm, example_inputs, opts, mode, str(exc))
+        return _uncached(gm, example_inputs, opts, mode, str(exc))
     wiring = _wiring(part, example_inputs)
     head, rest, tail = compile_pieces(
         [(name, piece.gm, [example_value(n) for n in piece.inputs])
@@ -45,8 +55,19 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     description = (f"blocks {part.layout.describe()}, {len(part.streams)} cached stream(s), "
                    f"decided on `{part.signal_source.name}`")
     blocks = tuple(block.path for block in part.layout.blocks)
-    return CachedProgram(head, rest, tail, wiring, opts, blocks, description,
-                         stores_copies=records_cuda_graphs(opts, mode))
+    return CachedProgram(head, rest, tail, wiring, opts.settings, blocks, description,
+                         stores_copies=records_cuda_graphs(opts, mode), reduce=decision_reducer(gm))
+
+
+def _uncached(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions, mode: str | None,
+              reason: str) -> UncachedProgram:
+    """The whole graph compiled without the cache, its calls counted with `reason`."""
+    compiled = plain_fallback(gm, example_inputs, opts, mode, reason)
+    return UncachedProgram(compiled, _parameter_slots(example_inputs), reason)
+
+
+def _parameter_slots(example_inputs: Sequence[Any]) -> tuple[int, ...]:
+    return tuple(i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter))
 
 
 def _first_partition(gm: GraphModule) -> CachedPartition:
@@ -78,7 +99,7 @@ def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:
         tail_in=read(part.tail),
         streams=tuple((tuple(map(slot, s.sources)), s.dim, slot(s.result)) for s in part.streams),
     )
-    parameters = tuple(i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter))
+    parameters = _parameter_slots(example_inputs)
     activations = tuple(i for i in range(len(example_inputs)) if i not in set(parameters))
     return Wiring(num_slots=len(slots), parameters=parameters, activations=activations,
                   layouts=_layouts(part, slots), **wiring)

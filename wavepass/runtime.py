@@ -14,45 +14,81 @@ The *signature* of a call is the shapes, dtypes and devices of its activations a
 identity and version counters of its parameters: a new resolution or batch, another model,
 or weights changed by a LoRA each start a new generation by themselves.
 
+The settings of the decision rule (`CacheSettings`: threshold, hit limit, warm-up) are
+read at every call: the program's defaults (the backend's `options=`), overridden by
+`cache_settings(...)` around the call. Changing them compiles nothing.
+
 Counting for `stats()` (calls, hits, recent decisions) is per program and cleared only by
-`reset()`. Passes and the backend hold no state; everything mutable lives here.
+`reset()`. A graph the backend compiled without the cache (`UncachedProgram`) counts its
+calls with the reason; a call of a watched model that reached no program of ours at all
+(`watch`: Dynamo stopped compiling it) is counted against the model with the reason
+`diagnosis.py` finds. Passes and the backend hold no state; everything mutable lives here.
 """
 
 from __future__ import annotations
 
 import itertools
 import operator
+import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .options import CacheOptions
+from .notices import warn_once
+from .options import CacheSettings
 
 DEFAULT_CONTEXT = "default"
 _DECISIONS_KEPT = 10_000
 _context: ContextVar[str] = ContextVar("wavepass_cache_context", default=DEFAULT_CONTEXT)
 _skipping_allowed: ContextVar[bool] = ContextVar("wavepass_skipping_allowed", default=True)
 _step_key: ContextVar[Any] = ContextVar("wavepass_step", default=None)
+_overrides: ContextVar[dict[str, Any]] = ContextVar("wavepass_cache_settings", default={})
 _sequence = itertools.count()
-_programs: weakref.WeakSet[CachedProgram] = weakref.WeakSet()
+_programs: weakref.WeakSet[_Program] = weakref.WeakSet()
+# calls of wavepass programs made by this thread, for `watch` to see whether any ran
+_ran = threading.local()
+_watched: ContextVar[torch.nn.Module | None] = ContextVar("wavepass_watched", default=None)
+# per watched module: its calls that reached no wavepass program, and why
+_missed: weakref.WeakKeyDictionary[torch.nn.Module, _Missed] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class Stats:
-    """What the cache did since the last `reset`: `decisions[i]` is True where call i skipped."""
+    """What the cache did since the last `reset`: `decisions[i]` is True where call i skipped.
+    `reason`: why some calls ran without the cache (None when every call was cached)."""
 
     calls: int
     hits: int
     decisions: tuple[bool, ...]
+    reason: str | None = None
 
     def __str__(self) -> str:
-        return f"wavespeed: skipped {self.hits} of {self.calls} model calls"
+        text = f"wavespeed: skipped {self.hits} of {self.calls} model calls"
+        return f"{text} (not cached: {self.reason})" if self.reason else text
+
+
+@contextmanager
+def cache_settings(**overrides: Any) -> Iterator[None]:
+    """`with wavepass.cache_settings(residual_diff_threshold=0.2):` the calls inside decide
+    with these settings instead of the defaults the model was compiled with (`options=`).
+
+    Names: residual_diff_threshold, max_consecutive_cache_hits, warmup_steps. They are read
+    at every call, so a new value takes effect at the next call and compiles nothing.
+    Nested blocks add to the outer one's settings.
+    """
+    checked = CacheSettings.check_overrides(overrides)
+    token = _overrides.set({**_overrides.get(), **checked})
+    try:
+        yield
+    finally:
+        _overrides.reset(token)
 
 
 @contextmanager
@@ -132,12 +168,70 @@ class Wiring:
     layouts: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] = ()
 
 
-class CachedProgram:
-    """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""
+class _Program:
+    """What every callable the backend returns to Dynamo shares: the model it ran with last,
+    its counts for `stats`, and the reason it runs uncached (None: it caches)."""
+
+    reason: str | None = None
+
+    def __init__(self, parameters: tuple[int, ...]) -> None:
+        self._parameters_of = _picker(parameters)
+        self._owner: tuple[weakref.ref, ...] = ()  # the parameters of the model that ran last
+        self._calls = self._hits = 0
+        self._decisions: deque[tuple[int, bool]] = deque(maxlen=_DECISIONS_KEPT)
+        _programs.add(self)
+
+    def _count(self, skip: bool) -> None:
+        self._calls += 1
+        self._hits += skip
+        self._decisions.append((next(_sequence), skip))
+
+    def _own(self, args: Sequence[Any]) -> None:
+        self._owner = tuple(map(weakref.ref, self._parameters_of(args)))
+
+    def reset(self) -> None:
+        self._calls = self._hits = 0
+        self._decisions.clear()
+
+    def owned_by(self, parameter_ids: set[int]) -> bool:
+        """Whether the model with these parameter ids ran this program last: it shares a
+        parameter with that run (held by weak references: while one lives, no other object
+        can have its id; a LoRA that replaces some weights leaves the others shared)."""
+        return any((p := ref()) is not None and id(p) in parameter_ids for ref in self._owner)
+
+    def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
+        return self._calls, self._hits, list(self._decisions)
+
+
+class UncachedProgram(_Program):
+    """A graph compiled without the cache (`reason` says why): counted, never skips."""
+
+    def __init__(self, compiled: Callable, parameters: tuple[int, ...], reason: str) -> None:
+        super().__init__(parameters)
+        self._compiled = compiled
+        self.reason = reason
+
+    def __call__(self, *args: Any) -> Any:
+        _ran.calls = getattr(_ran, "calls", 0) + 1
+        self._own(args)
+        result = self._compiled(*args)
+        self._count(False)
+        return result
+
+
+class CachedProgram(_Program):
+    """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks.
+
+    `defaults`: the settings of the decision rule when no `cache_settings` block overrides
+    them. `reduce`: where the decision is shared by several processes (context parallelism),
+    sums the two float32 sums the decision compares over them (see `relative_l1`).
+    """
 
     def __init__(self, head: Callable, rest: Callable, tail: Callable, wiring: Wiring,
-                 options: CacheOptions, blocks: tuple[str, ...], description: str,
-                 stores_copies: bool = False) -> None:
+                 defaults: CacheSettings, blocks: tuple[str, ...], description: str,
+                 stores_copies: bool = False,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(wiring.parameters)
         self._head, self._rest, self._tail = head, rest, tail
         # Pieces run as CUDA graphs return outputs that their next replay overwrites: the
         # signal and residuals kept for later calls are then copies.
@@ -145,30 +239,34 @@ class CachedProgram:
         self.blocks = blocks
         self._wiring = wiring
         self._head_args, self._rest_args, self._tail_args = map(_picker, (wiring.head_in, wiring.rest_in, wiring.tail_in))
-        self._parameters_of, self._activations_of = map(_picker, (wiring.parameters, wiring.activations))
-        self._options = options
+        self._activations_of = _picker(wiring.activations)
+        self._defaults = defaults
+        self._reduce = reduce
         self.description = description
         self._states: dict[str, _State] = {}
-        self._owner: tuple[weakref.ref, ...] = ()  # the parameters of the model that ran last
         self._step: tuple[Any, bool] | None = None  # (same_step key, its decision)
-        self._calls = self._hits = 0
-        self._decisions: deque[tuple[int, bool]] = deque(maxlen=_DECISIONS_KEPT)
-        _programs.add(self)
+
+    def settings(self) -> CacheSettings:
+        """The settings a call made now decides with."""
+        overrides = _overrides.get()
+        return dataclasses.replace(self._defaults, **overrides) if overrides else self._defaults
 
     def __call__(self, *args: Any) -> Any:
+        _ran.calls = getattr(_ran, "calls", 0) + 1
         w = self._wiring
+        settings = self.settings()
         state = self._states.setdefault(_context.get(), _State())
         signature = self._signature(args)
         if signature != state.signature:
             state.clear()
             state.signature = signature
-            self._owner = tuple(map(weakref.ref, self._parameters_of(args)))
+            self._own(args)
         values = list(args) + [None] * (w.num_slots - len(args))
         try:
             outputs = self._head(*self._head_args(values))
             for slot, value in zip(w.head_out, outputs):
                 values[slot] = value
-            skip = self._decide(state, outputs[-1])
+            skip = self._decide(state, outputs[-1], settings)
             if skip:
                 for (sources, dim, result), residual, stride in zip(w.streams, state.residuals, state.strides):
                     source = values[sources[0]] if dim is None else torch.cat([values[i] for i in sources], dim)
@@ -177,7 +275,7 @@ class CachedProgram:
                 outputs_rest = self._rest(*self._rest_args(values))
                 for slot, value in zip(w.rest_out, outputs_rest):
                     values[slot] = value
-                if self._options.may_skip:
+                if settings.may_skip:
                     state.signal = self._kept(outputs[-1])
                     state.residuals = tuple(map(self._kept, outputs_rest[len(w.rest_out):]))
                     state.strides = tuple(values[result].stride() for *_, result in w.streams)
@@ -186,12 +284,10 @@ class CachedProgram:
         except BaseException:
             state.clear()
             raise
-        self._calls += 1
-        self._hits += skip
-        self._decisions.append((next(_sequence), skip))
+        self._count(skip)
         return result
 
-    def _decide(self, state: _State, signal: torch.Tensor) -> bool:
+    def _decide(self, state: _State, signal: torch.Tensor, settings: CacheSettings) -> bool:
         """First Block Cache, with calls of one `same_step` following the first one's decision."""
         state.calls += 1
         key = _step_key.get()
@@ -199,13 +295,12 @@ class CachedProgram:
             skip = self._step[1] and state.signal is not None and _skipping_allowed.get()
             state.hits_in_row = state.hits_in_row + 1 if skip else 0
             return skip
-        skip = self._decide_alone(state, signal)
+        skip = self._decide_alone(state, signal, settings)
         self._step = (key, skip) if key is not None else None
         return skip
 
-    def _decide_alone(self, state: _State, signal: torch.Tensor) -> bool:
+    def _decide_alone(self, state: _State, signal: torch.Tensor, opts: CacheSettings) -> bool:
         """First Block Cache: skip when the first-block residual barely moved."""
-        opts = self._options
         if (
             not opts.may_skip
             or not _skipping_allowed.get()
@@ -215,7 +310,7 @@ class CachedProgram:
         ):
             state.hits_in_row = 0
             return False
-        skip = relative_l1(signal, state.signal) < opts.residual_diff_threshold
+        skip = relative_l1(signal, state.signal, self._reduce) < opts.residual_diff_threshold
         state.hits_in_row = state.hits_in_row + 1 if skip else 0
         return skip
 
@@ -228,19 +323,9 @@ class CachedProgram:
         return activations, tuple(map(id, parameters)), _versions(parameters)
 
     def reset(self) -> None:
+        super().reset()
         self._states.clear()
         self._step = None
-        self._calls = self._hits = 0
-        self._decisions.clear()
-
-    def owned_by(self, parameter_ids: set[int]) -> bool:
-        """Whether the model with these parameter ids ran this program last: it shares a
-        parameter with that run (held by weak references: while one lives, no other object
-        can have its id; a LoRA that replaces some weights leaves the others shared)."""
-        return any((p := ref()) is not None and id(p) in parameter_ids for ref in self._owner)
-
-    def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
-        return self._calls, self._hits, list(self._decisions)
 
 
 def _itself(tensor: torch.Tensor) -> torch.Tensor:
@@ -285,14 +370,23 @@ def _add_strided(source: torch.Tensor, residual: torch.Tensor, stride: tuple[int
     return torch.add(source, residual, out=out)
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
-    """mean|current - previous| / mean|previous|, in float32; inf or nan never skip."""
-    change = torch.mean(torch.abs(current - previous), dtype=torch.float32)
-    scale = torch.mean(torch.abs(previous), dtype=torch.float32)
-    return (change / scale).item()
+def relative_l1(current: torch.Tensor, previous: torch.Tensor,
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """mean|current - previous| / mean|previous|, in float32; inf or nan never skip.
+
+    With `reduce` (each process holds a shard of the sequence), the ratio of the two sums
+    over all shards: sum|change| / sum|previous|, which is the ratio of the means of the
+    whole sequence, so every process decides alike and as one process would."""
+    if reduce is None:
+        change = torch.mean(torch.abs(current - previous), dtype=torch.float32)
+        scale = torch.mean(torch.abs(previous), dtype=torch.float32)
+        return (change / scale).item()
+    sums = reduce(torch.stack([torch.sum(torch.abs(current - previous), dtype=torch.float32),
+                               torch.sum(torch.abs(previous), dtype=torch.float32)]))
+    return (sums[0] / sums[1]).item()
 
 
-def programs_of(model: Any | None) -> list[CachedProgram]:
+def programs_of(model: Any | None) -> list[_Program]:
     """The cached programs that last ran with `model`'s parameters (all of them for None).
 
     `model` is a torch.nn.Module (the compiled model or the original one) or an object that
@@ -300,28 +394,92 @@ def programs_of(model: Any | None) -> list[CachedProgram]:
     """
     if model is None:
         return list(_programs)
+    ids = {id(p) for p in module_of(model).parameters()}
+    return [p for p in _programs if p.owned_by(ids)]
+
+
+def module_of(model: Any) -> torch.nn.Module:
+    """The torch.nn.Module `model` is, or holds as `.model` (a ComfyUI MODEL)."""
     module = model if isinstance(model, torch.nn.Module) else getattr(model, "model", None)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(
             f"wavepass: expected a torch.nn.Module (the compiled model or the original one) or "
             f"an object holding one as `.model` (a ComfyUI MODEL), got {type(model).__name__}"
         )
-    ids = {id(p) for p in module.parameters()}
-    return [p for p in _programs if p.owned_by(ids)]
+    return getattr(module, "_orig_mod", module)
+
+
+@dataclass
+class _Missed:
+    """Calls of a watched model that reached no wavepass program."""
+
+    decisions: deque[tuple[int, bool]] = field(default_factory=lambda: deque(maxlen=_DECISIONS_KEPT))
+    reason: str | None = None
+
+
+@contextmanager
+def watch(model: Any) -> Iterator[None]:
+    """`with wavepass.watch(model): compiled(...)`: the calls inside are `model` compiled
+    with the wavespeed backend. If they reach none of its programs (Dynamo stopped compiling
+    the model: its recompile limit, a frame it skips, or blocks compiled one by one), the
+    call is counted in `stats(model)` as uncached with the reason, and the user is told
+    once. The integrations watch every model call; `stats` diagnoses unwatched models too.
+    """
+    from .diagnosis import why_uncompiled
+
+    module = module_of(model)
+    before = getattr(_ran, "calls", 0)
+    token = _watched.set(module)
+    try:
+        yield
+    finally:
+        _watched.reset(token)
+    if getattr(_ran, "calls", 0) == before:
+        missed = _missed.setdefault(module, _Missed())
+        missed.reason = why_uncompiled(module)
+        missed.decisions.append((next(_sequence), False))
+        warn_once(f"wavespeed: {type(module).__name__} ran uncompiled and uncached: {missed.reason}",
+                  stacklevel=4)  # watch, contextlib's __exit__, the caller's `with`
+
+
+def watched_module() -> torch.nn.Module | None:
+    """The model a `watch` block around the current call names, if any."""
+    return _watched.get()
 
 
 def reset(model: Any | None = None) -> None:
     """Start a new generation: forget stored residuals (of `model`, or of every model)."""
     for program in programs_of(model):
         program.reset()
+    if model is None:
+        _missed.clear()
+    else:
+        _missed.pop(module_of(model), None)
 
 
 def stats(model: Any | None = None) -> Stats:
-    """Calls, skipped calls and per-call decisions since the last `reset` of `model`."""
+    """Calls, skipped calls and per-call decisions since the last `reset` of `model`, and
+    why calls ran uncached, if any did."""
     calls = hits = 0
     decisions: list[tuple[int, bool]] = []
-    for program in programs_of(model):
+    reasons: list[str] = []
+    programs = programs_of(model)
+    for program in programs:
         c, h, d = program.stats()
         calls, hits = calls + c, hits + h
         decisions += d
-    return Stats(calls, hits, tuple(skip for _, skip in sorted(decisions)))
+        if program.reason is not None and c:
+            reasons.append(program.reason)
+    missed = list(_missed.values()) if model is None else [_missed.get(module_of(model), _Missed())]
+    for m in missed:
+        if m.decisions:
+            calls += len(m.decisions)
+            decisions += m.decisions
+            reasons.append(m.reason)
+    if model is not None and not programs and not reasons:
+        from .diagnosis import why_uncompiled
+
+        reasons.append(f"no wavespeed program has run with this model since the last reset "
+                       f"({why_uncompiled(module_of(model))})")
+    return Stats(calls, hits, tuple(skip for _, skip in sorted(decisions)),
+                 "; ".join(dict.fromkeys(reasons)) or None)

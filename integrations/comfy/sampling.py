@@ -10,12 +10,17 @@ diffusion model with the `wavespeed` backend and drive its cache through a sampl
     APPLY_MODEL wrapper (every model call)
         a rising sigma within a run resets the cache (a new generation); the call runs with
         `object_to_patch` swapped for its compiled module, inside
+          wavepass.cache_settings(threshold, max hits)                the cache node's settings
           wavepass.cache_context(<cond/uncond chunk and input shape>)  separate state per chunk
           wavepass.skipping(start <= progress <= end)                  the start/end window
           wavepass.same_step((run, sigma))                             chunks of one step agree
+          wavepass.watch(module)                                       uncompiled calls are said
 
-Compiled modules are cached per module and settings, so re-running a node (or re-executing a
-workflow) reuses Dynamo's compiled code: no recompile. LoRA and other weight patches change
+One compiled module per module and *compile* settings (Compile Model+'s mode, dynamic,
+fullgraph and Inductor options; or none, for the cache node alone): the cache node's
+settings travel with the MODEL and reach the cached program at run time, so tuning the
+threshold, changing start/end or removing and re-adding the cache node compiles nothing,
+and neither does re-running a node or a workflow. LoRA and other weight patches change
 parameters in place or replace them with same-shaped tensors; the backend reads parameters
 as graph inputs, so either takes effect without a recompile (and starts a new cache
 generation, see wavepass.runtime).
@@ -76,25 +81,23 @@ def install(patcher) -> None:
 
 
 def backend_options(settings: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(options for the wavespeed backend, other torch.compile arguments) for these settings.
-
-    Without a Compile Model+ node the cached program runs uncompiled (compiler "eager"), as
-    First Block Cache alone; without an Apply First Block Cache node nothing is skipped.
-    """
-    cache = settings.get("cache", {"residual_diff_threshold": 0.0, "max_consecutive_cache_hits": -1})
-    options: dict[str, Any] = {
-        "residual_diff_threshold": cache["residual_diff_threshold"],
-        "max_consecutive_cache_hits": cache["max_consecutive_cache_hits"],
-    }
+    """(options for the wavespeed backend, other torch.compile arguments): what keys compiled
+    code, from Compile Model+ alone. Without it the cached program runs uncompiled (compiler
+    "eager"), as First Block Cache alone."""
     compile_settings = settings.get("compile")
     if compile_settings is None:
-        return {**options, "compiler": "eager"}, {}
-    from torch._inductor import list_mode_options
-
-    mode = compile_settings["mode"]
-    patches = {**(list_mode_options(mode) if mode != "default" else {}), **compile_settings["inductor"]}
-    options.update(compiler="inductor", inductor=patches)
+        return {"compiler": "eager"}, {}
+    options = {"compiler": "inductor", "inductor": compile_settings["inductor"]}
+    if compile_settings["mode"] != "default":
+        options["mode"] = compile_settings["mode"]
     return options, {"dynamic": compile_settings["dynamic"], "fullgraph": compile_settings["fullgraph"]}
+
+
+def cache_settings(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The run-time cache settings (`wavepass.cache_settings`) of the Apply First Block Cache
+    node; without it nothing is skipped (threshold 0)."""
+    cache = settings.get("cache", {"residual_diff_threshold": 0.0, "max_consecutive_cache_hits": -1})
+    return {name: cache[name] for name in ("residual_diff_threshold", "max_consecutive_cache_hits")}
 
 
 def _skip_transformer_options_guards(guard_entries) -> list[bool]:
@@ -150,11 +153,12 @@ def run_stats(module: torch.nn.Module, run: _Run) -> wavepass.Stats:
     """The stats of this run so far, across resets at rising sigmas."""
     now = wavepass.stats(module)
     calls, hits = run.earlier
-    return wavepass.Stats(calls + now.calls, hits + now.hits, now.decisions)
+    return wavepass.Stats(calls + now.calls, hits + now.hits, now.decisions, now.reason)
 
 
 def _apply_model_wrapper(settings):
     key = _object_to_patch(settings)
+    cache = cache_settings(settings)
 
     def apply_model(executor, x, t, *args, **kwargs):
         base = executor.class_obj
@@ -169,6 +173,8 @@ def _apply_model_wrapper(settings):
             transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
             chunk = tuple(transformer_options.get("cond_or_uncond", ()))
             scope.enter_context(wavepass.cache_context(f"comfy chunk {chunk} x {tuple(x.shape)}"))
+            scope.enter_context(wavepass.cache_settings(**cache))
+            scope.enter_context(wavepass.watch(module))
             scope.enter_context(_swapped(base, key, compiled_module(module, settings)))
             return executor(x, t, *args, **kwargs)
 

@@ -5,6 +5,7 @@
     handle = apply_wavespeed(pipe, residual_diff_threshold=0.12)
     image = pipe(prompt, num_inference_steps=28).images[0]
     print(wavepass.stats(pipe.transformer))
+    handle.configure(residual_diff_threshold=0.2)   # takes effect at the next call, compiles nothing
     handle.remove()                      # or remove_wavespeed(pipe): the plain pipeline again
 
 How it works (each point is a decision; the code below implements it):
@@ -32,6 +33,14 @@ How it works (each point is a decision; the code below implements it):
   `true_cfg_scale`, Wan). The instance's `cache_context` is wrapped to also enter
   `wavepass.cache_context(name)`, so each branch keeps its own cache state. Pipelines that
   batch both branches in one call (SDXL, SD3) need nothing: the batch is one state.
+- The cache settings (threshold, hit limit, start/end) are run-time values: the handle
+  holds them and every call runs inside `wavepass.cache_settings(...)`, so
+  `handle.configure(...)` takes effect at the next call and compiles nothing. What is
+  compiled depends only on `compile`, `mode` and `dynamic` (mode travels in the backend's
+  options, so equal settings compare equal): applying again after `remove()` with any cache
+  settings reuses Dynamo's compiled code.
+- Every call runs inside `wavepass.watch(denoiser)`: a call Dynamo no longer compiles (its
+  recompile limit, say) is counted in `wavepass.stats` with the reason, and said once.
 - `handle.remove()` / `remove_wavespeed(pipe)` restore the module's previous
   `_compiled_call_impl` and `cache_context` and forget the handle.
 
@@ -51,6 +60,7 @@ from typing import Any, Iterator
 import torch
 
 import wavepass
+from wavepass import CacheOptions
 
 __all__ = ["WavespeedHandle", "apply_wavespeed", "remove_wavespeed"]
 
@@ -61,10 +71,11 @@ _MISSING = object()
 class WavespeedHandle:
     """What `apply_wavespeed` did to a pipeline; `remove()` undoes it."""
 
-    def __init__(self, pipe: Any, denoiser: torch.nn.Module, name: str, start: float, end: float) -> None:
+    def __init__(self, pipe: Any, denoiser: torch.nn.Module, name: str) -> None:
         self.denoiser = denoiser
         self.denoiser_name = name  # "transformer" or "unet"
-        self.start, self.end = start, end
+        self.start, self.end = 0.0, 1.0
+        self.settings: dict[str, Any] = {}  # wavepass.cache_settings of every call
         self._pipe = weakref.ref(pipe)
         self._timesteps: torch.Tensor | None = None  # scheduler.timesteps at the last call
         self._calls: dict[str, int] = {}  # calls per cache context in this generation (fallback)
@@ -72,10 +83,30 @@ class WavespeedHandle:
         self._previous_cache_context: Any = _MISSING
         self._removed = False
 
+    def configure(self, residual_diff_threshold: float | None = None, start: float | None = None,
+                  end: float | None = None, max_consecutive_cache_hits: int | None = None) -> None:
+        """Change the cache settings (None keeps one as it is); the next call uses them and
+        nothing is compiled. Invalid values raise ValueError and change nothing."""
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not (isinstance(start, (int, float)) and isinstance(end, (int, float))
+                and math.isfinite(start) and math.isfinite(end) and 0 <= start < end <= 1):
+            raise ValueError(
+                f"apply_wavespeed: start and end are fractions of the sampling steps with "
+                f"0 <= start < end <= 1 (e.g. start=0.0, end=1.0), got start={start!r}, end={end!r}"
+            )
+        given = {"residual_diff_threshold": residual_diff_threshold,
+                 "max_consecutive_cache_hits": max_consecutive_cache_hits}
+        settings = {**self.settings, **{k: v for k, v in given.items() if v is not None}}
+        with wavepass.cache_settings(**settings):  # validates them
+            pass
+        self.settings, self.start, self.end = settings, float(start), float(end)
+
     # The wrapper stored as denoiser._compiled_call_impl.
     def _call(self, compiled, *args: Any, **kwargs: Any) -> Any:
         allowed = self._window_allows_skipping()
-        with wavepass.skipping(allowed):
+        with (wavepass.skipping(allowed), wavepass.cache_settings(**self.settings),
+              wavepass.watch(self.denoiser)):
             return compiled(*args, **kwargs)
 
     def _window_allows_skipping(self) -> bool:
@@ -123,41 +154,31 @@ def apply_wavespeed(pipe: Any, residual_diff_threshold: float = 0.12, start: flo
     """Compile `pipe`'s denoiser with the `wavespeed` backend, in place; returns a handle whose
     `remove()` undoes it (as does `remove_wavespeed(pipe)`).
 
-    residual_diff_threshold, max_consecutive_cache_hits: the backend's options (see README).
+    residual_diff_threshold, max_consecutive_cache_hits: the cache settings (see README),
+        run-time values: `handle.configure(...)` changes them without compiling.
     start, end: caching is allowed for steps i of N with start <= i/N < end (0 <= start < end <= 1);
         the other steps run every block.
     compile: True compiles every piece with Inductor; False runs the same cached program
         without compiling (`compiler="eager"`: caching only, fast to start).
-    mode, dynamic: passed to `torch.compile` (mode goes to Inductor).
+    mode, dynamic: how Inductor compiles (mode goes to Inductor through the backend's options).
 
     Each pipeline call starts a new generation; `wavepass.stats(pipe.transformer)` (or
     `pipe.unet`) reports the skipped calls of the last one.
     """
-    if not (isinstance(start, (int, float)) and isinstance(end, (int, float))
-            and math.isfinite(start) and math.isfinite(end) and 0 <= start < end <= 1):
-        raise ValueError(
-            f"apply_wavespeed: start and end are fractions of the sampling steps with "
-            f"0 <= start < end <= 1 (e.g. start=0.0, end=1.0), got start={start!r}, end={end!r}"
-        )
     if pipe.__dict__.get(_ATTRIBUTE) is not None:
         raise RuntimeError(
             "apply_wavespeed: this pipeline already has wavespeed applied; call "
             "remove_wavespeed(pipe) (or handle.remove()) first to apply it with other settings"
         )
     name, denoiser = _denoiser_of(pipe)
-    options = {
-        "residual_diff_threshold": residual_diff_threshold,
-        "max_consecutive_cache_hits": max_consecutive_cache_hits,
-        "compiler": "inductor" if compile else "eager",
-    }
-    if mode is None:
-        compiled = torch.compile(denoiser._call_impl, backend="wavespeed", options=options, dynamic=dynamic)
-    else:
-        # torch.compile refuses options= together with mode=, so both go to the backend directly.
-        backend = functools.partial(wavepass.wavespeed, options=options, mode=mode)
-        compiled = torch.compile(denoiser._call_impl, backend=backend, dynamic=dynamic)
-
-    handle = WavespeedHandle(pipe, denoiser, name, float(start), float(end))
+    handle = WavespeedHandle(pipe, denoiser, name)
+    handle.configure(residual_diff_threshold=residual_diff_threshold, start=start, end=end,
+                     max_consecutive_cache_hits=max_consecutive_cache_hits)
+    options = {"compiler": "inductor" if compile else "eager"}
+    if mode is not None:
+        options["mode"] = mode
+    CacheOptions.from_dict(options)  # a bad mode fails here, not at the first call
+    compiled = torch.compile(denoiser._call_impl, backend="wavespeed", options=options, dynamic=dynamic)
     handle._previous_compiled = denoiser._compiled_call_impl
     handle._previous_cache_context = denoiser.__dict__.get("cache_context", _MISSING)
     denoiser._compiled_call_impl = functools.partial(handle._call, compiled)
