@@ -19,14 +19,14 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 
 import wavepass  # noqa: E402
-from wavepass import compilers  # noqa: E402
+from wavepass import notices  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def clean_dynamo():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compilers._warned.clear()
+    notices._warned.clear()
     wavepass.reset()
     with torch.no_grad():
         yield

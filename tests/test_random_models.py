@@ -41,7 +41,7 @@ from torch import nn
 
 import wavepass
 from fbcache_reference import ReferenceFBCache
-from wavepass import compilers
+from wavepass import notices
 
 IMAGE_CHANNELS = 4  # channels of the image input (and of the model's output)
 TEXT_CHANNELS = 6  # channels of the text input
@@ -480,7 +480,7 @@ def check_scenario(scenario: Scenario, compiler: str, tol: float, decision_margi
     # Per example what conftest's `clean_dynamo` does per test: a fresh Dynamo (so no
     # recompile limit is reached) and fallback warnings that fire again.
     torch._dynamo.reset()
-    compilers._warned.clear()
+    notices._warned.clear()
     model = RandomDenoiser(scenario.spec).eval()
     calls = sampling_calls(scenario.spec, scenario.drifts)
     reference, expected = run_reference(model, scenario, calls)

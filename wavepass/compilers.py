@@ -23,7 +23,6 @@ import inspect
 import logging
 import os
 import time
-import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
@@ -38,6 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import GraphModule
 
 from .block_op import BLOCKS, Structure, call_directly_from_inductor, layouts, register, registered
+from .notices import warn_once
 from .options import CacheOptions
 from .passes.call_blocks_directly import call_blocks_directly, calls_only_blocks
 from .passes.call_compiled_blocks import blocks_called, call_compiled_blocks, is_static
@@ -46,7 +46,6 @@ from .passes.fx_facts import example_value
 from .passes.outline_blocks import block_structures, outline_blocks
 
 log = logging.getLogger("wavepass")
-_warned: set[str] = set()
 # Inductor checks every input's sizes and strides on every call, also inside every block
 # subgraph: thousands of checks a step for a model whose weights are inputs, ~3% of a step of
 # the 57-block benchmark model. Dynamo's guards cover the graph's inputs and the runtime
@@ -428,10 +427,8 @@ def _compile_fx(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[st
 def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
                    mode: str | None, reason: str) -> Callable[..., Any]:
     """Compile `gm` without caching, after warning once for this `reason`."""
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"wavespeed: {reason}; compiling without First Block Cache "
-                      f"({options.compiler} only), results are unchanged", stacklevel=2)
+    warn_once(f"wavespeed: {reason}; compiling without First Block Cache "
+              f"({options.compiler} only), results are unchanged")
     return compile_graph(gm, example_inputs, options, mode, name="whole graph (no cache)")
 
 

@@ -186,8 +186,16 @@ class _Program:
         self._hits += skip
         self._decisions.append((next(_sequence), skip))
 
-    def _own(self, args: Sequence[Any]) -> None:
-        self._owner = tuple(map(weakref.ref, self._parameters_of(args)))
+    def _switch_owner(self, args: Sequence[Any]) -> bool:
+        """Record the model of this call as the owner; True when it is another model (it
+        shares no parameter with the last one), whose stats and cache start anew."""
+        parameters = self._parameters_of(args)
+        shared = self.owned_by(set(map(id, parameters)))
+        other = bool(self._owner) and not shared
+        self._owner = tuple(map(weakref.ref, parameters))
+        if other:
+            self.reset()
+        return other
 
     def reset(self) -> None:
         self._calls = self._hits = 0
@@ -213,7 +221,7 @@ class UncachedProgram(_Program):
 
     def __call__(self, *args: Any) -> Any:
         _ran.calls = getattr(_ran, "calls", 0) + 1
-        self._own(args)
+        self._switch_owner(args)
         result = self._compiled(*args)
         self._count(False)
         return result
@@ -258,9 +266,10 @@ class CachedProgram(_Program):
         state = self._states.setdefault(_context.get(), _State())
         signature = self._signature(args)
         if signature != state.signature:
+            if self._switch_owner(args):  # reset() dropped every context's state
+                state = self._states.setdefault(_context.get(), _State())
             state.clear()
             state.signature = signature
-            self._own(args)
         values = list(args) + [None] * (w.num_slots - len(args))
         try:
             outputs = self._head(*self._head_args(values))
@@ -442,6 +451,14 @@ def watch(model: Any) -> Iterator[None]:
                   stacklevel=4)  # watch, contextlib's __exit__, the caller's `with`
 
 
+def _watched_in(model: Any | None) -> list[torch.nn.Module]:
+    """The watched modules with missed calls that are `model` or inside it (all for None):
+    a ComfyUI MODEL holds the diffusion model its wrappers watch."""
+    if model is None:
+        return list(_missed.keys())
+    return [m for m in module_of(model).modules() if m in _missed]
+
+
 def watched_module() -> torch.nn.Module | None:
     """The model a `watch` block around the current call names, if any."""
     return _watched.get()
@@ -451,10 +468,8 @@ def reset(model: Any | None = None) -> None:
     """Start a new generation: forget stored residuals (of `model`, or of every model)."""
     for program in programs_of(model):
         program.reset()
-    if model is None:
-        _missed.clear()
-    else:
-        _missed.pop(module_of(model), None)
+    for module in _watched_in(model):
+        del _missed[module]
 
 
 def stats(model: Any | None = None) -> Stats:
@@ -470,8 +485,7 @@ def stats(model: Any | None = None) -> Stats:
         decisions += d
         if program.reason is not None and c:
             reasons.append(program.reason)
-    missed = list(_missed.values()) if model is None else [_missed.get(module_of(model), _Missed())]
-    for m in missed:
+    for m in map(_missed.__getitem__, _watched_in(model)):
         if m.decisions:
             calls += len(m.decisions)
             decisions += m.decisions

@@ -5,7 +5,9 @@
 
 Each returns a clone of its input MODEL with its settings added (the input is never
 changed). Chained in either order they make one `torch.compile(..., backend="wavespeed")`
-step: caching and Inductor compilation together. Apply First Block Cache alone runs the
+step: caching and Inductor compilation together. Only Compile Model+'s settings key compiled
+code; the cache node's settings are read by the compiled program at run time, so changing
+them (or removing the cache node) compiles nothing. Apply First Block Cache alone runs the
 cached model uncompiled; Compile Model+ alone compiles without skipping. Node ids carry the
 `Wavepass` prefix so that they never collide with another pack's nodes of the same title.
 """
@@ -62,7 +64,8 @@ class ApplyFirstBlockCache(io.ComfyNode):
                     tooltip="Skip when the first block's residual changed by less than this "
                             "(relative mean absolute difference) since the last computed step. "
                             "0 never skips; higher skips more and costs quality. FLUX 0.12, "
-                            "SD3.5 0.12, LTXV 0.05, HunyuanVideo 0.1, SDXL 0.2.",
+                            "SD3.5 0.12, LTXV 0.05, HunyuanVideo 0.1, SDXL 0.2. Changing it "
+                            "recompiles nothing.",
                 ),
                 io.Float.Input(
                     "start", default=0.0, min=0.0, max=1.0, step=0.01,

@@ -108,7 +108,8 @@ def _skip_transformer_options_guards(guard_entries) -> list[bool]:
 
 
 def compiled_module(module: torch.nn.Module, settings: dict[str, dict[str, Any]]) -> Callable:
-    """`torch.compile(module, backend="wavespeed", ...)`, one per module and settings."""
+    """`torch.compile(module, backend="wavespeed", ...)`, one per module and compile settings
+    (the cache settings reach the program at run time, through `wavepass.cache_settings`)."""
     options, kwargs = backend_options(settings)
     key = json.dumps([options, kwargs], sort_keys=True)
     per_module = module.__dict__.setdefault(_COMPILED_ATTRIBUTE, {})
