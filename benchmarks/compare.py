@@ -21,7 +21,7 @@ with an empty Inductor cache folder) and warm (first image minus the median imag
 cold probe's cache), Dynamo recompiles and graph breaks, PSNR and max error of the final
 latents against eager, and (digits) the classifier's accuracy on the conditioned class.
 
-Outputs under `--out` (default benchmarks/results/compare-<device>): .json, .md (the README's
+Outputs under `--out` (default benchmarks/results/compare-<device>): .json, .md (docs/performance.md's
 table), .png (speed vs quality) and -digits.png (generated digits per configuration).
 """
 
@@ -481,18 +481,21 @@ def write_markdown(path, record):
     path.write_text("\n\n".join(p for p in parts if p) + "\n")
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 
 
-def include_in_readme(table: Path) -> None:
-    """Replace the README's copy of `table` (between its `<!-- begin/end <path> -->` markers,
-    where it has them) with the table just written; tests/test_readme.py keeps them equal."""
-    name = table.resolve().relative_to(README.parent).as_posix()
+def include_in_docs(table: Path) -> None:
+    """Replace every copy of `table` in the README and docs/ (between `<!-- begin/end <path> -->`
+    markers, where a file has them) with the table just written; tests/test_readme.py keeps
+    them equal."""
+    name = table.resolve().relative_to(ROOT).as_posix()
     begin, end = f"<!-- begin {name} -->\n", f"<!-- end {name} -->"
-    text = README.read_text()
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        README.write_text(head + begin + table.read_text() + end + rest.split(end, 1)[1])
+    for doc in DOCS:
+        text = doc.read_text()
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            doc.write_text(head + begin + table.read_text() + end + rest.split(end, 1)[1])
 
 
 def write_plot(path, record):
@@ -591,7 +594,7 @@ def main():
             write_digits_grid(args.out.with_name(args.out.name + "-digits.png"), results, workload)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     write_markdown(args.out.with_suffix(".md"), record)
-    include_in_readme(args.out.with_suffix(".md"))
+    include_in_docs(args.out.with_suffix(".md"))
     write_plot(args.out.with_suffix(".png"), record)
     print(args.out.with_suffix(".md").read_text())
 
