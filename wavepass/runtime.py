@@ -474,18 +474,24 @@ def reset(model: Any | None = None) -> None:
 
 def stats(model: Any | None = None) -> Stats:
     """Calls, skipped calls and per-call decisions since the last `reset` of `model`, and
-    why calls ran uncached, if any did."""
+    why calls ran uncached, if any did.
+
+    A model split by graph breaks runs several programs per call. Where one of them caches,
+    its calls are the model's (the others are fragments without the block stack, which
+    cache nothing and need no excuse); where none does, the model's calls are those of its
+    busiest uncached program, with their reasons."""
+    programs = programs_of(model)
+    cached = [p for p in programs if p.reason is None and p.stats()[0]]
+    uncached = [p for p in programs if p.reason is not None and p.stats()[0]]
+    counted = cached or sorted(uncached, key=lambda p: -p.stats()[0])[:1]
     calls = hits = 0
     decisions: list[tuple[int, bool]] = []
-    reasons: list[str] = []
-    programs = programs_of(model)
-    for program in programs:
+    for program in counted:
         c, h, d = program.stats()
         calls, hits = calls + c, hits + h
         decisions += d
-        if program.reason is not None and c:
-            reasons.append(program.reason)
-    for m in map(_missed.__getitem__, _watched_in(model)):
+    reasons = [] if cached else [p.reason for p in uncached]
+    for m in map(_missed.__getitem__, _watched_in(model)):  # calls that reached no program
         if m.decisions:
             calls += len(m.decisions)
             decisions += m.decisions
