@@ -22,13 +22,14 @@ structure lives as long as a piece that calls it.
 
 from __future__ import annotations
 
-import functools
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from . import torch_api
 
 Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
 _registry: weakref.WeakValueDictionary[str, Structure] = weakref.WeakValueDictionary()
@@ -92,22 +93,23 @@ def _blocks_fake(name: str, carry: Sequence[int], operands: Sequence[torch.Tenso
 BLOCKS = torch.ops.wavepass.blocks.default
 
 
-@functools.cache
 def call_directly_from_inductor() -> None:
     """Make Inductor's Python wrapper call `run_blocks` itself where a graph calls
     `wavepass.blocks`: the dispatcher would convert every operand (a block's weights
-    included) on the way in and out, ~1.4 us per tensor here, more than the rest of a call."""
-    try:
-        from torch._inductor.codegen.custom_extern_kernel_codegen import (
-            CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen,
-        )
-    except ImportError:  # another torch: the generated code goes through the dispatcher
+    included) on the way in and out, ~1.4 us per tensor here, more than the rest of a call.
+    Inductor's hook for this is private (`torch_api`, feature `direct_block_calls`): on a
+    torch without it the generated code goes through the dispatcher, with the same results."""
+    if not torch_api.enabled("direct_block_calls"):
         return
-    from torch._inductor.virtualized import V
+    codegen = torch_api.api("CUSTOM_EXTERN_KERNEL_CODEGEN")
+    key = f"torch.ops.{BLOCKS.namespace}.{BLOCKS.__name__}"
+    if key in codegen:
+        return
+    virtualized = torch_api.api("V")
 
     def python(node: Any, writeline: Callable[[str], None]) -> None:
-        V.graph.wrapper_code.add_import_once(f"from {__name__} import run_blocks as wavepass_run_blocks")
+        virtualized.graph.wrapper_code.add_import_once(f"from {__name__} import run_blocks as wavepass_run_blocks")
         args = ", ".join([*node.codegen_args(), *node.codegen_kwargs()])
         writeline(f"{node.get_name()} = wavepass_run_blocks({args})")
 
-    CUSTOM_EXTERN_KERNEL_CODEGEN[f"torch.ops.{BLOCKS.namespace}.{BLOCKS.__name__}"] = CustomCodegen(python=python)
+    codegen[key] = torch_api.api("CustomCodegen")(python=python)

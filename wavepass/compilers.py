@@ -12,8 +12,14 @@ and models (`block_op.py`: a registry by name), and the piece calls it through
 `wavepass.blocks` (`passes/call_compiled_blocks.py`); subgraphs with symbolic sizes stay
 in the piece, which Inductor lowers once per piece. A piece's C++ kernels are built as one
 library per compile worker, the small pieces' together (`cpp_bundle.py`).
-Counts land in `torch._dynamo.utils.counters["wavepass"]`; a `CompileSession` per Dynamo
-graph (per fake mode) sums them for the log.
+Counts land in `torch._dynamo.utils.counters["wavepass"]` (`torch_api.counters()`); a
+`CompileSession` per Dynamo graph (per fake mode) sums them for the log.
+
+Every private torch API is reached through `torch_api`. Each optional feature (the bundle,
+outlined blocks, block graphs called directly or run bare, pieces run as Python, static
+inputs) asks `torch_api.enabled` first and is skipped where this torch lacks what it needs;
+where the core is missing (`torch_api.core_unavailable_reason`), `compile_graph` compiles
+the graph as plain Inductor (`torch_api.plain_inductor`).
 """
 
 from __future__ import annotations
@@ -31,11 +37,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch._dynamo.utils import counters
-from torch._guards import TracingContext, tracing
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import GraphModule
 
+from . import torch_api
 from .block_op import BLOCKS, Structure, call_directly_from_inductor, layouts, register, registered
 from .notices import warn_once
 from .options import CacheOptions
@@ -67,15 +71,16 @@ class CompileSession:
     def add(self, piece: GraphModule, structures: dict[str, Structure], compiled: int) -> str:
         """Count the block calls of one outlined piece and its block graphs: those it lowers
         itself and the `compiled` new ones of `structures` it calls; describe them."""
-        calls = (len(piece.graph.find_nodes(op="call_function", target=torch.ops.higher_order.invoke_subgraph))
+        calls = (len(piece.graph.find_nodes(op="call_function", target=torch_api.invoke_subgraph()))
                  + sum(map(blocks_called, piece.graph.find_nodes(op="call_function", target=BLOCKS))))
         kinds = [m for m in piece.children() if "structure" in getattr(m, "meta", {})]
         self.blocks += calls
         self.block_graphs += len(kinds) + compiled
         self.structures.update(m.meta["structure"] for m in kinds)
         self.structures.update(s.key for s in structures.values())
-        counters["wavepass"]["blocks"] += calls
-        counters["wavepass"]["block_graphs"] += len(kinds) + compiled
+        counts = torch_api.counters()["wavepass"]
+        counts["blocks"] += calls
+        counts["block_graphs"] += len(kinds) + compiled
         return f"{calls} block(s) as calls of {len(kinds) + len(structures)} block graph(s)"
 
     def summary(self) -> str:
@@ -84,7 +89,7 @@ class CompileSession:
                 f"{self.seconds:.1f} s compiling")
 
 
-_sessions: weakref.WeakKeyDictionary[FakeTensorMode, CompileSession] = weakref.WeakKeyDictionary()
+_sessions: weakref.WeakKeyDictionary[Any, CompileSession] = weakref.WeakKeyDictionary()
 
 
 def compile_pieces(pieces: Sequence[tuple[str, GraphModule, Sequence[Any]]], options: CacheOptions,
@@ -93,24 +98,34 @@ def compile_pieces(pieces: Sequence[tuple[str, GraphModule, Sequence[Any]]], opt
     order. A block structure that occurs in more than one piece, even once in each, is
     compiled once. The largest piece is compiled first: its C++ kernels, the most, build in
     the background (`cpp_bundle`) while the smaller pieces are lowered."""
-    from .cpp_bundle import batched_builds
-
     occurrences: Counter[Hashable] = Counter()
-    if options.outline_blocks:
+    if _outlines(options):
         for _, gm, _ in pieces:
             occurrences += _structures_in(gm)
     largest_first = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][1].graph.nodes))
-    with batched_builds() if options.bundle_kernels else nullcontext():
+    with _batched_builds() if _bundles(options) else nullcontext():
         compiled = {i: compile_graph(pieces[i][1], pieces[i][2], options, mode, pieces[i][0], occurrences)
                     for i in largest_first}
     return [compiled[i] for i in range(len(pieces))]
 
 
+def _outlines(options: CacheOptions) -> bool:
+    return options.outline_blocks and options.compiler != "eager" and torch_api.enabled("outline_blocks")
+
+
+def _bundles(options: CacheOptions) -> bool:
+    return options.bundle_kernels and options.compiler != "eager" and torch_api.enabled("bundle_kernels")
+
+
+def _batched_builds() -> Any:
+    from .cpp_bundle import batched_builds
+
+    return batched_builds()
+
+
 def piece_patches(options: CacheOptions, mode: str | None) -> dict[str, Any]:
     """Inductor's config patches for every piece: ours, then the mode's, then the user's."""
-    from torch._inductor import list_mode_options
-
-    return {**PIECE_PATCHES, **(list_mode_options(mode) if mode else {}), **options.inductor}
+    return {**PIECE_PATCHES, **(torch_api.mode_options(mode) if mode else {}), **options.inductor}
 
 
 def records_cuda_graphs(options: CacheOptions, mode: str | None) -> bool:
@@ -120,9 +135,9 @@ def records_cuda_graphs(options: CacheOptions, mode: str | None) -> bool:
 
 
 def _cuda_graphs(patches: dict[str, Any]) -> bool:
-    from torch._inductor import config
-
-    return bool(patches.get("triton.cudagraphs", config.triton.cudagraphs))
+    if "triton.cudagraphs" in patches:
+        return bool(patches["triton.cudagraphs"])
+    return bool(torch_api.inductor_setting("triton.cudagraphs", False))
 
 
 def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
@@ -132,12 +147,15 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     `occurrences`: how often each block structure occurs in all pieces (default: in `gm`)."""
     if options.compiler == "eager":
         return gm
+    if torch_api.core_unavailable_reason() is not None:  # the backend said why, once
+        plain = torch_api.plain_inductor(gm, example_inputs, _plain_patches(options, mode))
+        return plain if plain is gm else _unboxed(plain)
     patches = piece_patches(options, mode)
     fake_mode = _fake_mode_of(example_inputs)
     started = time.perf_counter()
     recorded_mode = fake_mode if fake_mode is not None else _placeholders_mode(gm, len(example_inputs))
     session = _session_of(recorded_mode)
-    found = _outlined(gm, recorded_mode, name, occurrences, patches) if options.outline_blocks else None
+    found = _outlined(gm, recorded_mode, name, occurrences, patches) if _outlines(options) else None
     compiled = None
     if found is not None:
         outlined, piece = found
@@ -149,31 +167,39 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
             compiled = _Piece(run, tuple(structures.values()))
             detail = session.add(piece, structures, new) + (", run as Python" if python else "")
             if python:
-                counters["wavepass"]["python_pieces"] += 1
+                torch_api.counters()["wavepass"]["python_pieces"] += 1
         except Exception as exc:  # e.g. a block Inductor cannot compile as a subgraph
             log.info("wavespeed: compiling %s whole: its blocks failed to compile as subgraphs (%s: %s)",
                      name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
     if compiled is None:
         compiled, detail = _inductor(gm, example_inputs, patches, fake_mode, options), "whole"
-        counters["wavepass"]["whole_graphs"] += 1
+        torch_api.counters()["wavepass"]["whole_graphs"] += 1
     seconds = time.perf_counter() - started
     session.pieces += 1
     session.seconds += seconds
-    counters["wavepass"]["pieces"] += 1
+    torch_api.counters()["wavepass"]["pieces"] += 1
     log.info("wavespeed: compiled %s (%d nodes, %s) in %.1f s", name, len(gm.graph.nodes),
              detail, seconds)
     log.info("wavespeed: this graph so far: %s", session.summary())
     return compiled
 
 
-def _session_of(fake_mode: FakeTensorMode | None) -> CompileSession:
+def _plain_patches(options: CacheOptions, mode: str | None) -> dict[str, Any]:
+    """A mode's and the user's Inductor patches, as far as this torch can say them."""
+    try:
+        return piece_patches(options, mode)
+    except torch_api.Missing:
+        return dict(options.inductor)
+
+
+def _session_of(fake_mode: Any) -> CompileSession:
     """The session of the Dynamo graph whose values live in `fake_mode` (a new one if None)."""
     if fake_mode is None:
         return CompileSession()
     return _sessions.setdefault(fake_mode, CompileSession())
 
 
-def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str,
+def _outlined(gm: GraphModule, recorded_mode: Any, name: str,
               occurrences: Counter[Hashable] | None,
               patches: dict[str, Any]) -> tuple[GraphModule, GraphModule] | None:
     """`gm` with its blocks as subgraph calls, and that graph as `call_compiled_blocks` makes
@@ -206,8 +232,9 @@ def _outlined(gm: GraphModule, recorded_mode: FakeTensorMode | None, name: str,
 def _runs_as_python(piece: GraphModule, patches: dict[str, Any]) -> bool:
     """Whether `piece` (after `call_compiled_blocks`) runs as Python rather than through
     Inductor: it only calls blocks. Under CUDA graphs Inductor compiles even a piece of
-    calls: the graph recorded around the piece holds the calls' kernels."""
-    return calls_only_blocks(piece) and not _cuda_graphs(patches)
+    calls: the graph recorded around the piece holds the calls' kernels (so a torch that
+    cannot say whether it records them compiles the piece: `python_pieces`)."""
+    return calls_only_blocks(piece) and not _cuda_graphs(patches) and torch_api.enabled("python_pieces")
 
 
 def _calling(outlined: GraphModule, patches: dict[str, Any]) -> GraphModule:
@@ -291,50 +318,52 @@ def _block_callable(name: str, subgraph: GraphModule, inputs: Sequence[Any], pat
     that loads the graph from AOTAutograd's cache gets the wrapped callable alone. So that
     verdict is kept in Inductor's cache folder by the structure's name (`_verdicts`), and a
     structure whose verdict is bare is run as the compiled module at the end of the
-    wrappers' `__wrapped__` chain. Without a verdict, or where the chain ends elsewhere, the
-    wrappers run."""
-    from torch._inductor.compile_fx import compile_fx_inner
-    from torch._inductor.output_code import CompiledFxGraph
-
+    wrappers' `__wrapped__` chain. Without a verdict, or where the chain ends elsewhere, or
+    on a torch without the APIs this needs (`bare_block_graphs`), the wrappers run."""
+    if not torch_api.enabled("bare_block_graphs"):
+        unboxed = _unboxed(_compile_fx(subgraph, inputs, patches, _fake_mode_of(inputs), options))
+        return lambda args: unboxed(*args)
     verdicts = _verdicts()
     traced: list[bool] = []  # the verdict, where AOTAutograd traced the block in this process
 
     def capture(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
-        compiled = compile_fx_inner(gm, example_inputs, **kwargs)
-        traced.append(_runs_bare(compiled, gm, TracingContext.try_get(), inputs))
+        compiled = torch_api.compile_fx_inner(gm, example_inputs, **kwargs)
+        traced.append(_runs_bare(compiled, gm, torch_api.api("TracingContext.try_get")(), inputs))
         verdicts.record(name, traced[-1])
         return compiled
 
     wrapped = _compile_fx(subgraph, inputs, patches, _fake_mode_of(inputs), options, inner_compile=capture)
     inner = inspect.unwrap(wrapped)
     bare = (traced[-1] if traced else verdicts.bare(name)) and _compiled_for_inference()
-    if bare and isinstance(inner, CompiledFxGraph):
+    if bare and isinstance(inner, torch_api.api("CompiledFxGraph")):
         return inner
     unboxed = _unboxed(wrapped)
     return lambda args: unboxed(*args)
 
 
-def _runs_bare(compiled: Any, gm: GraphModule, context: TracingContext | None, inputs: Sequence[Any]) -> bool:
+def _runs_bare(compiled: Any, gm: GraphModule, context: Any, inputs: Sequence[Any]) -> bool:
     """Whether AOTAutograd's runtime wrappers pass `inputs` to `compiled` (its compile of
-    `gm`) and its outputs back unchanged (see `_block_callable`)."""
-    from torch._functorch._aot_autograd.schemas import OutputType
-    from torch._inductor.output_code import CompiledFxGraph
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    metadata = context.fw_metadata if context is not None else None
-    return (isinstance(compiled, CompiledFxGraph) and metadata is not None
-            and len(gm.graph.find_nodes(op="placeholder")) == len(inputs)
-            and not any(map(is_traceable_wrapper_subclass, inputs))
-            and metadata.num_mutated_inp_runtime_indices == 0
-            and metadata.num_intermediate_bases == 0
-            and all(o.output_type == OutputType.non_alias for o in metadata.output_info)
-            and not metadata.tokens and not metadata.is_rng_op_functionalized)
+    `gm`) and its outputs back unchanged (see `_block_callable`); `context`: the tracing
+    context AOTAutograd traced `gm` in. Metadata this torch does not have: not bare."""
+    output_type = torch_api.api("OutputType")
+    wrapper_subclass = torch_api.api("is_traceable_wrapper_subclass")
+    try:
+        metadata = context.fw_metadata if context is not None else None
+        return (isinstance(compiled, torch_api.api("CompiledFxGraph")) and metadata is not None
+                and len(gm.graph.find_nodes(op="placeholder")) == len(inputs)
+                and not any(map(wrapper_subclass, inputs))
+                and metadata.num_mutated_inp_runtime_indices == 0
+                and metadata.num_intermediate_bases == 0
+                and all(o.output_type == output_type.non_alias for o in metadata.output_info)
+                and not metadata.tokens and not metadata.is_rng_op_functionalized)
+    except AttributeError:  # AOTAutograd's metadata has other fields on this torch
+        return False
 
 
 def _compiled_for_inference() -> bool:
     """No grad, no autocast where the block is compiled. Checked here, outside `compile_fx`:
     inside it AOTAutograd has turned autocast off, so `_runs_bare` cannot see it."""
-    return not torch.is_grad_enabled() and not torch._C._is_any_autocast_enabled()
+    return not torch.is_grad_enabled() and not torch_api.api("is_any_autocast_enabled")()
 
 
 @dataclass(frozen=True)
@@ -363,9 +392,7 @@ class _Verdicts:
 
 
 def _verdicts() -> _Verdicts:
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return _Verdicts(os.path.join(cache_dir(), "wavepass-bare"))
+    return _Verdicts(os.path.join(torch_api.api("inductor_cache_dir")(), "wavepass-bare"))
 
 
 @dataclass(frozen=True)
@@ -380,9 +407,10 @@ class _Piece:
 
 
 def _inductor(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
-              fake_mode: FakeTensorMode | None, options: CacheOptions) -> Callable[..., Any]:
+              fake_mode: Any, options: CacheOptions) -> Callable[..., Any]:
     """`_compile_fx`'s result for a piece (or a whole graph), called as `f(*args)`."""
-    _mark_dynamo_inputs(gm)
+    if torch_api.enabled("static_inputs"):
+        _mark_dynamo_inputs(gm)
     return _unboxed(_compile_fx(gm, example_inputs, patches, fake_mode, options))
 
 
@@ -394,10 +422,9 @@ def _mark_dynamo_inputs(gm: GraphModule) -> None:
     static input is read where it lies, any other is copied into the graph's memory at
     every replay (all the weights: 10% of a step of a 24-block FLUX on an H200, and their
     size again in memory). The placeholders keep Dynamo's `grapharg` and `tensor_dict`
-    metadata (the passes copy node metadata); a graph Dynamo marked itself is left as it is."""
-    from torch._guards import CompileContext
-
-    compile_id = CompileContext.current_compile_id()
+    metadata (the passes copy node metadata); a graph Dynamo marked itself is left as it is.
+    AOTAutograd reads these marks in `_try_get_metadata_from_dynamo` (`static_inputs`)."""
+    compile_id = torch_api.api("current_compile_id")()
     if (compile_id is None or "dynamo_compile_id" in gm.meta
             or next(gm.parameters(), None) is not None or next(gm.buffers(), None) is not None):
         return
@@ -409,19 +436,22 @@ def _mark_dynamo_inputs(gm: GraphModule) -> None:
 
 
 def _compile_fx(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any],
-                fake_mode: FakeTensorMode | None, options: CacheOptions,
+                fake_mode: Any, options: CacheOptions,
                 inner_compile: Callable[..., Any] | None = None) -> Callable[..., Any]:
     """compile_fx on one graph, its C++ kernels built as one library (`cpp_bundle`). Graphs
     are compiled on their own, each in a tracing context of its own, so one graph's output
     strides and metadata never leak into another's or Dynamo's."""
-    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+    with (_bundled_cpp_kernels() if _bundles(options) else nullcontext(),
+          torch_api.tracing(fake_mode) if fake_mode is not None else nullcontext()):
+        return torch_api.compile_fx(gm, list(example_inputs),
+                                    inner_compile=inner_compile or torch_api.api("compile_fx_inner"),
+                                    config_patches=patches)
 
+
+def _bundled_cpp_kernels() -> Any:
     from .cpp_bundle import bundled_cpp_kernels
 
-    with (bundled_cpp_kernels() if options.bundle_kernels else nullcontext(),
-          tracing(TracingContext(fake_mode)) if fake_mode is not None else nullcontext()):
-        return compile_fx(gm, list(example_inputs), inner_compile=inner_compile or compile_fx_inner,
-                          config_patches=patches)
+    return bundled_cpp_kernels()
 
 
 def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
@@ -432,7 +462,7 @@ def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: Cach
     return compile_graph(gm, example_inputs, options, mode, name="whole graph (no cache)")
 
 
-def _placeholders_mode(gm: GraphModule, inputs: int) -> FakeTensorMode | None:
+def _placeholders_mode(gm: GraphModule, inputs: int) -> Any:
     """The fake mode of the values Dynamo recorded on `gm`'s placeholders, where it handed
     over real tensors (as it does to a backend for a whole graph; a piece's example inputs
     are fake already). None: no recorded values to key blocks by."""
@@ -440,9 +470,9 @@ def _placeholders_mode(gm: GraphModule, inputs: int) -> FakeTensorMode | None:
     return _fake_mode_of(recorded) if len(recorded) == inputs else None
 
 
-def _fake_mode_of(example_inputs: Sequence[Any]) -> FakeTensorMode | None:
+def _fake_mode_of(example_inputs: Sequence[Any]) -> Any:
     """The fake mode of the values Dynamo recorded (not the backend context's own mode)."""
-    return next((x.fake_mode for x in example_inputs if isinstance(x, FakeTensor)), None)
+    return torch_api.fake_mode_of(example_inputs)
 
 
 def _unboxed(compiled: Callable[..., Any]) -> Callable[..., Any]:

@@ -32,7 +32,8 @@ a warm start finds them. A kernel the bundle cannot take (not one `extern "C"` e
 `kernel`, an argument type Inductor's binding does not parse, or a preprocessor directive
 other than `#include` and `#pragma`) and every kernel of a chunk that fails to build are
 built Inductor's way, one by one: the results never depend on the bundle, and the failure
-is logged once.
+is logged once. On a torch without the Inductor internals this needs (`torch_api`), the
+bundle is off and Inductor builds every kernel its own way.
 """
 
 from __future__ import annotations
@@ -49,9 +50,15 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
-from torch._inductor.async_compile import AsyncCompile, get_compile_threads
-from torch._inductor.codecache import CppPythonBindingsCodeCache
-from torch._inductor.utils import clear_on_fresh_cache
+from . import torch_api
+
+# Inductor's internals the bundle patches and extends (`torch_api`, feature `bundle_kernels`).
+# This module is imported only where `torch_api.enabled("bundle_kernels")`; on a torch
+# without them its import raises `torch_api.Missing` (an ImportError).
+AsyncCompile = torch_api.api("AsyncCompile")
+CppPythonBindingsCodeCache = torch_api.api("CppPythonBindingsCodeCache")
+clear_on_fresh_cache = torch_api.api("clear_on_fresh_cache")
+get_compile_threads = torch_api.api("get_compile_threads")
 
 log = logging.getLogger("wavepass")
 _ENTRY = re.compile(r'extern "C"(?=\s+(?:\w+\s+)*?kernel\s*\()')

@@ -31,12 +31,10 @@ from collections.abc import Mapping
 
 import torch
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import free_symbols
 
+from .. import torch_api
 from ..block_op import BLOCKS
 from .fx_facts import example_value, is_inplace
-
-INVOKE_SUBGRAPH = torch.ops.higher_order.invoke_subgraph
 
 
 def call_compiled_blocks(gm: GraphModule, names: Mapping[str, str]) -> GraphModule:
@@ -113,10 +111,10 @@ def is_static(subgraph: GraphModule) -> bool:
     placeholders = subgraph.graph.find_nodes(op="placeholder")
     (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
     values = [example_value(n) for n in (*placeholders, *outputs)]
-    return all(isinstance(v, torch.Tensor) for v in values) and not free_symbols(values)
+    return all(isinstance(v, torch.Tensor) for v in values) and not torch_api.free_symbols(values)
 
 
 def _called_kind(node) -> str | None:
-    if node.op == "call_function" and node.target is INVOKE_SUBGRAPH:
+    if node.op == "call_function" and node.target is torch_api.invoke_subgraph():
         return node.args[0].target
     return None

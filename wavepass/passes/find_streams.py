@@ -29,8 +29,8 @@ from typing import NamedTuple
 
 import torch
 from torch.fx import Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .. import torch_api
 from .fx_facts import example_value, same_shape, same_sizes
 
 _ADD = frozenset({operator.add, operator.iadd, torch.add})
@@ -212,7 +212,7 @@ def _hashable(region: _Region | None) -> tuple | None:
 
 def _known(condition) -> bool:
     """True only if provably true, for ints and symbolic sizes alike; never adds a guard."""
-    return statically_known_true(condition)
+    return torch_api.statically_known_true(condition)
 
 
 def _bounds(piece: slice, size):

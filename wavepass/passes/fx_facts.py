@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .. import torch_api
 
 # Tokens of a Dynamo module path that say how the path was written, not which module it names:
 # "L['self'].__dict__['_modules']['transformer_blocks'].0" names self.transformer_blocks[0].
@@ -111,7 +112,7 @@ def same_sizes(a: Node, b: Node) -> bool:
         isinstance(va, torch.Tensor)
         and isinstance(vb, torch.Tensor)
         and va.dim() == vb.dim()
-        and all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+        and all(torch_api.statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
     )
 
 

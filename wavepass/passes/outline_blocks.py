@@ -56,10 +56,9 @@ from typing import Any
 
 import torch
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.experimental.symbolic_shapes import free_symbols, statically_known_true
 from torch.fx.node import map_arg
-from torch.multiprocessing.reductions import StorageWeakRef
 
+from .. import torch_api
 from .errors import NoRepeatedBlocks, UnsafeCut
 from .fx_facts import (
     BlockTag, block_tag, example_value, in_submodule_of_block, inputs_of, is_tensor, is_view,
@@ -223,16 +222,16 @@ def _check_fresh(block: _Block) -> None:
     """A subgraph's outputs must be fresh tensors that start their storage: Inductor 2.13
     lays a subgraph output out at the storage offset it had inside the subgraph, and then
     indexes the returned view, which already starts there, at that offset again."""
-    seen: dict[StorageWeakRef, Node] = {}
+    seen: dict[Any, Node] = {}
     for node in (*block.inputs, *block.outputs):
         value = example_value(node)
         if not isinstance(value, torch.Tensor):
             continue
-        storage = StorageWeakRef(value.untyped_storage())
+        storage = torch_api.storage_ref(value)
         if node in block.outputs and storage in seen:
             raise UnsafeCut(f"`{block.segment.name}` returns `{node.name}`, which shares memory with "
                             f"`{seen[storage].name}`; a subgraph's outputs must be fresh tensors")
-        if node in block.outputs and not statically_known_true(value.storage_offset() == 0):
+        if node in block.outputs and not torch_api.statically_known_true(value.storage_offset() == 0):
             raise UnsafeCut(f"`{block.segment.name}` returns `{node.name}`, a view at a storage offset; "
                             "a subgraph's outputs must start their storage")
         seen.setdefault(storage, node)
@@ -250,7 +249,7 @@ def _inputs(segment: Segment, sizes: dict[Any, Node]) -> list[Node]:
     seen = inputs_of(segment.nodes, set(segment.nodes))
     if not sizes:  # a static graph: no symbol to pass
         return seen
-    used = free_symbols([example_value(n) for n in (*seen, *segment.nodes)])
+    used = torch_api.free_symbols([example_value(n) for n in (*seen, *segment.nodes)])
     return seen + [node for symbol, node in sizes.items() if symbol in used and node not in seen]
 
 
@@ -278,7 +277,7 @@ def _call(graph: Graph, kind: str, block: _Block, env: dict[Node, Node]) -> None
     for node in block.leading:
         env[node] = graph.node_copy(node, env.__getitem__)
     subgraph = graph.get_attr(kind)
-    call = graph.call_function(torch.ops.higher_order.invoke_subgraph,
+    call = graph.call_function(torch_api.invoke_subgraph(),
                                (subgraph, kind, *(env[v] for v in block.inputs)))
     call.meta["val"] = tuple(example_value(v) for v in block.outputs)
     for index, value in enumerate(block.outputs):

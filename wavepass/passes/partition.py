@@ -40,11 +40,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Graph, GraphModule, Node
-try:
-    from torch.fx.experimental.symbolic_shapes import optimization_hint
-except ImportError:  # torch < 2.12 names it size_hint
-    from torch.fx.experimental.symbolic_shapes import size_hint as optimization_hint
 
+from .. import torch_api
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
 from .find_streams import disjoint, slice_region, trace_concatenation, trace_stream
@@ -205,7 +202,7 @@ def _stream_of(result: Node, sources: list[Node], first_block: set[Node], rest: 
 
 def _numel_hint(node: Node) -> int:
     """Elements of a value, from the size hint for symbolic sizes (no guard is added)."""
-    return optimization_hint(example_value(node).numel(), fallback=0)
+    return torch_api.optimization_hint(example_value(node).numel(), fallback=0)
 
 
 def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None) -> Piece:

@@ -1,0 +1,379 @@
+"""Every private torch API wavepass uses, in one place, and what happens on a torch without it.
+
+wavepass is tested on torch `TESTED` (pyproject's range): 2.13.0 in CI, 2.11 and 2.15 once by
+hand. Inductor, Dynamo and AOTAutograd change their internals between releases, so nothing
+here imports a private module when wavepass is imported: each API is looked up by its dotted
+path at use (`api(name)`, through `_lookup`), and `import wavepass` works on any torch.
+
+Three kinds of use:
+
+- **The core** (`CORE`): compile_fx per piece, FakeTensor values, the partition's symbolic
+  size facts. Where one is missing, `core_unavailable_reason()` says which (naming the
+  torch version), and the backend compiles the whole graph as plain Inductor
+  (`plain_inductor`) after one warning: no cache, the model's results.
+- **Optional features** (`FEATURES`): each needs some APIs; `enabled(feature)` looks them
+  up once per process, and where one is missing (ImportError/AttributeError, or a version
+  check) the feature turns itself off with ONE INFO line on the "wavepass" logger naming
+  the missing API and the torch version. The rest keeps working: what the feature sped up
+  is done the plain way (each piece by Inductor), with the same results.
+- **Registration** (`register_backend`): the `wavespeed` name in Dynamo's registry.
+
+Public torch APIs (torch.fx, torch.compile, torch.library, torch.autocast) are used where
+they are needed and are not listed. Neither are Dynamo's node metadata keys the passes read
+(`example_value`/`val`, `nn_module_stack`, `grapharg`): they are dict entries, and where one
+is absent the passes find no blocks and the graph is compiled whole after the usual warning.
+
+| API (`APIS` name) | where torch keeps it | torch | used for | missing |
+| --- | --- | --- | --- | --- |
+| compile_fx, compile_fx_inner | torch._inductor.compile_fx | 2.11-2.15 | core: each piece, each block graph | core off |
+| list_mode_options | torch._inductor | 2.11-2.15 | core: a mode's Inductor options | core off |
+| TracingContext, tracing | torch._guards | 2.11-2.15 | core: a tracing context per graph | core off |
+| FakeTensor | torch._subclasses.fake_tensor | 2.11-2.15 | core: the fake mode of Dynamo's values | core off |
+| optimization_hint | torch.fx.experimental.symbolic_shapes (2.11: `size_hint`) | 2.11-2.15 | core: partition, the largest stream | core off |
+| free_symbols, statically_known_true | torch.fx.experimental.symbolic_shapes | 2.11-2.15 | core: the passes' size facts | core off |
+| list_backends, register_backend | torch._dynamo | 2.11-2.15 | registering `wavespeed` at `import wavepass` | INFO line; the entry point registers it |
+| lookup_backend | torch._dynamo | 2.11-2.15 | `plain_inductor` where compile_fx is missing | the graph runs eagerly |
+| inductor_config_patch | torch._inductor.config.patch | 2.11-2.15 | `plain_inductor` through Dynamo's backend | the patches are not applied |
+| counters | torch._dynamo.utils | 2.11-2.15 | dynamo_counters | counts kept in `counters()` |
+| inductor_cudagraphs | torch._inductor.config.triton.cudagraphs | 2.11-2.15 | python_pieces | such pieces are compiled |
+| invoke_subgraph | torch.ops.higher_order | 2.11-2.15 | outline_blocks | pieces compiled whole |
+| StorageWeakRef | torch.multiprocessing.reductions | 2.11-2.15 | outline_blocks: fresh outputs | pieces compiled whole |
+| CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen | torch._inductor.codegen.custom_extern_kernel_codegen | 2.11-2.15 | direct_block_calls | calls go through the dispatcher |
+| V | torch._inductor.virtualized | 2.11-2.15 | direct_block_calls: the wrapper's imports | calls go through the dispatcher |
+| current_compile_id | torch._guards.CompileContext | 2.11-2.15 | static_inputs | weights copied under CUDA graphs |
+| aot_reads_dynamo_marks | torch._functorch._aot_autograd.frontend_utils._try_get_metadata_from_dynamo | 2.11-2.15 | static_inputs: AOTAutograd reads the marks | weights copied under CUDA graphs |
+| CompiledFxGraph | torch._inductor.output_code | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
+| OutputType | torch._functorch._aot_autograd.schemas | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
+| TracingContext.try_get | torch._guards | 2.11-2.15 | bare_block_graphs: AOTAutograd's metadata | AOTAutograd's wrappers run |
+| is_traceable_wrapper_subclass | torch.utils._python_dispatch | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
+| is_any_autocast_enabled | torch._C._is_any_autocast_enabled | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
+| inductor_cache_dir | torch._inductor.runtime.cache_dir_utils.cache_dir | 2.11-2.15 | bare_block_graphs: verdicts on disk | AOTAutograd's wrappers run |
+| AsyncCompile (.cpp_pybinding, .wait), get_compile_threads | torch._inductor.async_compile | 2.11-2.15 | bundle_kernels | one library per kernel |
+| CppPythonBindingsCodeCache (.load_pybinding, .entry_function) | torch._inductor.codecache | 2.11-2.15 | bundle_kernels | one library per kernel |
+| clear_on_fresh_cache | torch._inductor.utils | 2.11-2.15 | bundle_kernels | one library per kernel |
+| dynamo_config | torch._dynamo.config | 2.11-2.15 | diagnosis.py (its owner's) | less specific reasons |
+| debug_get_cache_entry_list | torch._dynamo.eval_frame._debug_get_cache_entry_list | 2.11-2.15 | diagnosis.py | less specific reasons |
+| InstructionTranslator | torch._dynamo.symbolic_convert | 2.11-2.15 | diagnosis.py | less specific reasons |
+| OpOverload, OpOverloadPacket | torch._ops | 2.11-2.15 | distributed.py (its owner's) | no collectives found |
+| resolve_process_group | torch.distributed.distributed_c10d._resolve_process_group | 2.11-2.15 | distributed.py | no collectives found |
+
+The "torch" column: the releases that have the API at that path. 2.13.0 and 2.15.0 run the
+tests (`tests/test_torch_api.py` looks every API up); 2.11.0's source was read for each path
+(December 2026); 2.12 and 2.14 lie between releases that have them all. The bundle also
+speaks Inductor's C++ calling convention (`_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR`, in
+2.11-2.15): a torch whose `CppPythonBindingsCodeCache` does not mention it has the bundle off
+(the version check).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import threading
+import types
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("wavepass")
+TESTED = "torch>=2.11,<2.16"
+
+# Where torch keeps each API, by the name wavepass uses; the first path found wins (older
+# names after newer ones).
+APIS: dict[str, tuple[str, ...]] = {
+    # the core
+    "compile_fx": ("torch._inductor.compile_fx.compile_fx",),
+    "compile_fx_inner": ("torch._inductor.compile_fx.compile_fx_inner",),
+    "list_mode_options": ("torch._inductor.list_mode_options",),
+    "TracingContext": ("torch._guards.TracingContext",),
+    "tracing": ("torch._guards.tracing",),
+    "FakeTensor": ("torch._subclasses.fake_tensor.FakeTensor",),
+    "optimization_hint": ("torch.fx.experimental.symbolic_shapes.optimization_hint",
+                          "torch.fx.experimental.symbolic_shapes.size_hint"),
+    "free_symbols": ("torch.fx.experimental.symbolic_shapes.free_symbols",),
+    "statically_known_true": ("torch.fx.experimental.symbolic_shapes.statically_known_true",),
+    # registration and the plain fallback
+    "list_backends": ("torch._dynamo.list_backends",),
+    "register_backend": ("torch._dynamo.register_backend",),
+    "lookup_backend": ("torch._dynamo.lookup_backend",),
+    "inductor_config_patch": ("torch._inductor.config.patch",),
+    # optional features
+    "counters": ("torch._dynamo.utils.counters",),
+    "inductor_cudagraphs": ("torch._inductor.config.triton.cudagraphs",),
+    "invoke_subgraph": ("torch.ops.higher_order.invoke_subgraph",),
+    "StorageWeakRef": ("torch.multiprocessing.reductions.StorageWeakRef",),
+    "CUSTOM_EXTERN_KERNEL_CODEGEN": ("torch._inductor.codegen.custom_extern_kernel_codegen.CUSTOM_EXTERN_KERNEL_CODEGEN",),
+    "CustomCodegen": ("torch._inductor.codegen.custom_extern_kernel_codegen.CustomCodegen",),
+    "V": ("torch._inductor.virtualized.V",),
+    "current_compile_id": ("torch._guards.CompileContext.current_compile_id",),
+    "aot_reads_dynamo_marks": ("torch._functorch._aot_autograd.frontend_utils._try_get_metadata_from_dynamo",
+                               "torch._functorch.aot_autograd._try_get_metadata_from_dynamo"),
+    "CompiledFxGraph": ("torch._inductor.output_code.CompiledFxGraph",),
+    "OutputType": ("torch._functorch._aot_autograd.schemas.OutputType",),
+    "TracingContext.try_get": ("torch._guards.TracingContext.try_get",),
+    "is_traceable_wrapper_subclass": ("torch.utils._python_dispatch.is_traceable_wrapper_subclass",),
+    "is_any_autocast_enabled": ("torch._C._is_any_autocast_enabled",),
+    "inductor_cache_dir": ("torch._inductor.runtime.cache_dir_utils.cache_dir",),
+    "AsyncCompile": ("torch._inductor.async_compile.AsyncCompile",),
+    "AsyncCompile.cpp_pybinding": ("torch._inductor.async_compile.AsyncCompile.cpp_pybinding",),
+    "AsyncCompile.wait": ("torch._inductor.async_compile.AsyncCompile.wait",),
+    "get_compile_threads": ("torch._inductor.async_compile.get_compile_threads",),
+    "CppPythonBindingsCodeCache": ("torch._inductor.codecache.CppPythonBindingsCodeCache",),
+    "CppPythonBindingsCodeCache.load_pybinding": ("torch._inductor.codecache.CppPythonBindingsCodeCache.load_pybinding",),
+    "CppPythonBindingsCodeCache.entry_function": ("torch._inductor.codecache.CppPythonBindingsCodeCache.entry_function",),
+    "clear_on_fresh_cache": ("torch._inductor.utils.clear_on_fresh_cache",),
+    # for diagnosis.py and distributed.py (their owners' files)
+    "dynamo_config": ("torch._dynamo.config",),
+    "debug_get_cache_entry_list": ("torch._dynamo.eval_frame._debug_get_cache_entry_list",),
+    "InstructionTranslator": ("torch._dynamo.symbolic_convert.InstructionTranslator",),
+    "OpOverload": ("torch._ops.OpOverload",),
+    "OpOverloadPacket": ("torch._ops.OpOverloadPacket",),
+    "resolve_process_group": ("torch.distributed.distributed_c10d._resolve_process_group",),
+}
+
+CORE = ("compile_fx", "compile_fx_inner", "list_mode_options", "TracingContext", "tracing", "FakeTensor",
+        "optimization_hint", "free_symbols", "statically_known_true")
+
+
+class Missing(ImportError):
+    """This torch lacks an API wavepass uses (the message names it and the torch version)."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    """An optional feature: `what` it does, the `apis` it needs, what happens `without` it,
+    and a version `check` beyond their presence (the reason it fails, or None)."""
+
+    what: str
+    apis: tuple[str, ...]
+    without: str
+    check: Callable[[], str | None] | None = None
+
+
+def _speaks_bundle_convention() -> str | None:
+    """The bundle's binding reads the tensor-pointer function where Inductor's does."""
+    try:
+        source = inspect.getsource(api("CppPythonBindingsCodeCache"))
+    except (OSError, TypeError):  # no source to read: assume the convention holds
+        return None
+    if "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR" in source:
+        return None
+    return (f"torch {torch.__version__}'s CppPythonBindingsCodeCache no longer passes "
+            "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR (the C++ calling convention the bundle speaks)")
+
+
+FEATURES: dict[str, Feature] = {
+    "bundle_kernels": Feature(
+        "building a piece's C++ kernels as one library (cpp_bundle, option bundle_kernels)",
+        ("AsyncCompile", "AsyncCompile.cpp_pybinding", "AsyncCompile.wait", "get_compile_threads",
+         "CppPythonBindingsCodeCache", "CppPythonBindingsCodeCache.load_pybinding",
+         "CppPythonBindingsCodeCache.entry_function", "clear_on_fresh_cache"),
+        "Inductor builds each kernel as a library of its own (slower cold compiles, same kernels)",
+        _speaks_bundle_convention),
+    "outline_blocks": Feature(
+        "compiling each block structure once (outline_blocks, option outline_blocks)",
+        ("invoke_subgraph", "StorageWeakRef"),
+        "Inductor compiles every piece whole, each block inlined (slower compiles, same results)"),
+    "direct_block_calls": Feature(
+        "Inductor's code calling compiled block graphs directly (block_op.call_directly_from_inductor)",
+        ("CUSTOM_EXTERN_KERNEL_CODEGEN", "CustomCodegen", "V"),
+        "block graphs are called through the dispatcher (~1.4 us more per operand and call)"),
+    "python_pieces": Feature(
+        "running a piece that only calls block graphs as Python (call_blocks_directly)",
+        ("inductor_cudagraphs",),
+        "Inductor compiles such pieces too (it cannot be told whether it records them as CUDA graphs)"),
+    "static_inputs": Feature(
+        "marking each piece's weights as static inputs, as Dynamo marks its graphs (compilers._mark_dynamo_inputs)",
+        ("current_compile_id", "aot_reads_dynamo_marks"),
+        "under CUDA graphs every input of a piece, the weights included, is copied at each replay"),
+    "bare_block_graphs": Feature(
+        "running block graphs without AOTAutograd's runtime wrappers (compilers._block_callable)",
+        ("CompiledFxGraph", "OutputType", "TracingContext.try_get", "is_traceable_wrapper_subclass",
+         "is_any_autocast_enabled", "inductor_cache_dir"),
+        "block graphs run inside AOTAutograd's runtime wrappers (~10-15 us more a call)"),
+    "dynamo_counters": Feature(
+        "counting in torch._dynamo.utils.counters['wavepass']",
+        ("counters",),
+        "wavepass counts in a dictionary of its own, wavepass.torch_api.counters()"),
+}
+
+_verdicts: dict[str, str | None] = {}  # feature (or "core") -> why it is off, None where on
+_lock = threading.Lock()
+_own_counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
+
+
+def _lookup(path: str) -> Any:
+    """The object at dotted `path` ("torch._inductor.compile_fx.compile_fx"): modules
+    imported as needed, the rest read as attributes. The one place a torch name is resolved;
+    raises ImportError or AttributeError where this torch has no such thing."""
+    parts = path.split(".")
+    found: Any = importlib.import_module(parts[0])
+    for index, part in enumerate(parts[1:], start=2):
+        try:
+            found = getattr(found, part)
+        except AttributeError:
+            if not isinstance(found, types.ModuleType):
+                raise
+            found = importlib.import_module(".".join(parts[:index]))
+    return found
+
+
+def api(name: str) -> Any:
+    """The API wavepass calls `name` (see `APIS`), looked up now; `Missing` where this torch
+    has it at none of its paths."""
+    paths = APIS[name]
+    errors = []
+    for path in paths:
+        try:
+            return _lookup(path)
+        except Exception as exc:  # ImportError, AttributeError, or an import that fails outright
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    raise Missing(f"torch {torch.__version__} has no {' or '.join(paths)} ({errors[0]})")
+
+
+def _missing(names: Iterable[str]) -> str | None:
+    """Why the first of `names` that this torch lacks is missing, or None."""
+    for name in names:
+        try:
+            api(name)
+        except Missing as exc:
+            return str(exc)
+    return None
+
+
+def enabled(feature: str) -> bool:
+    """Whether this torch has what optional `feature` (see `FEATURES`) needs. The first time
+    it does not, one INFO line on the "wavepass" logger says what is missing and what
+    happens instead; the verdict holds for the process."""
+    if feature not in _verdicts:
+        with _lock:
+            if feature not in _verdicts:
+                spec = FEATURES[feature]
+                reason = _missing(spec.apis)
+                if reason is None and spec.check is not None:
+                    reason = spec.check()
+                if reason is not None:
+                    log.info("wavespeed: %s is off: %s; %s", spec.what, reason, spec.without)
+                _verdicts[feature] = reason
+    return _verdicts[feature] is None
+
+
+def core_unavailable_reason() -> str | None:
+    """None where this torch has every API the core needs (compile_fx per piece, FakeTensor
+    values, the partition's size facts); otherwise why, naming the API and the torch
+    version: the backend then compiles the whole graph as plain Inductor after one warning
+    with these words."""
+    if "core" not in _verdicts:
+        _verdicts["core"] = _missing(CORE)
+    reason = _verdicts["core"]
+    if reason is None:
+        return None
+    return f"{reason}, which wavepass needs to cache (it is tested on {TESTED})"
+
+
+# --- the core ---------------------------------------------------------------------------
+
+def compile_fx(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
+    return api("compile_fx")(gm, example_inputs, **kwargs)
+
+
+def compile_fx_inner(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
+    return api("compile_fx_inner")(gm, example_inputs, **kwargs)
+
+
+def mode_options(mode: str) -> dict[str, Any]:
+    """Inductor's config patches for `mode` ("max-autotune", "reduce-overhead", ...)."""
+    return api("list_mode_options")(mode)
+
+
+def tracing(fake_mode: Any) -> Any:
+    """A tracing context of its own over `fake_mode`, entered with `with`."""
+    return api("tracing")(api("TracingContext")(fake_mode))
+
+
+def fake_mode_of(values: Iterable[Any]) -> Any:
+    """The fake mode of the first FakeTensor among `values`, or None."""
+    fake = api("FakeTensor")
+    return next((x.fake_mode for x in values if isinstance(x, fake)), None)
+
+
+def optimization_hint(value: Any, fallback: int) -> int:
+    """A concrete hint for a (symbolic) int, adding no guard."""
+    return api("optimization_hint")(value, fallback=fallback)
+
+
+def free_symbols(value: Any) -> Any:
+    return api("free_symbols")(value)
+
+
+def statically_known_true(value: Any) -> bool:
+    return api("statically_known_true")(value)
+
+
+def inductor_setting(name: str, default: Any) -> Any:
+    """Inductor's config value `name` ("triton.cudagraphs"), or `default` where this torch
+    has no such setting."""
+    try:
+        return _lookup(f"torch._inductor.config.{name}")
+    except Exception:
+        return default
+
+
+def plain_inductor(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], patches: dict[str, Any]) -> Any:
+    """`gm` compiled as `backend="inductor"` would, with Inductor's config `patches`:
+    through compile_fx where this torch has it, else through the "inductor" backend Dynamo
+    registered, else `gm` itself (run eagerly: the model's results, nothing compiled). For a
+    torch whose core is unavailable (`core_unavailable_reason`)."""
+    try:
+        return compile_fx(gm, list(example_inputs), config_patches=patches)
+    except Missing:
+        pass
+    try:
+        backend = api("lookup_backend")("inductor")
+    except Exception as exc:
+        log.info("wavespeed: no Inductor to compile with (%s); running the graph as it is", exc)
+        return gm
+    try:
+        patched = api("inductor_config_patch")(patches)
+    except Missing:
+        patched = nullcontext()
+    with patched:
+        return backend(gm, list(example_inputs))
+
+
+# --- registration -----------------------------------------------------------------------
+
+def register_backend(compiler_fn: Callable[..., Any], name: str) -> None:
+    """Register `compiler_fn` as Dynamo backend `name`, unless a backend has that name (the
+    `torch_dynamo_backends` entry point registers it too). On a torch without Dynamo's
+    registry functions: one INFO line, and the entry point is left to register it."""
+    try:
+        if name not in api("list_backends")(exclude_tags=()):
+            api("register_backend")(compiler_fn, name=name)
+    except Exception as exc:  # Missing, or another signature
+        log.info("wavespeed: could not register the %r backend with Dynamo (%s: %s); "
+                 "torch.compile finds it through the torch_dynamo_backends entry point",
+                 name, type(exc).__name__, exc)
+
+
+# --- optional features ------------------------------------------------------------------
+
+def counters() -> defaultdict[str, Counter[str]]:
+    """Dynamo's counters (`torch._dynamo.utils.counters`), where wavepass counts its pieces
+    and block graphs; a dictionary of wavepass's own where this torch has none."""
+    return api("counters") if enabled("dynamo_counters") else _own_counters
+
+
+def invoke_subgraph() -> Any:
+    """The higher-order operator of `torch.compiler.nested_compile_region` (outline_blocks)."""
+    return api("invoke_subgraph")
+
+
+def storage_ref(tensor: torch.Tensor) -> Any:
+    """A hashable reference to `tensor`'s storage: equal for tensors that share memory."""
+    return api("StorageWeakRef")(tensor.untyped_storage())
