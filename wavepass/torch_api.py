@@ -57,9 +57,9 @@ is absent the passes find no blocks and the graph is compiled whole after the us
 | OpOverload, OpOverloadPacket | torch._ops | 2.11-2.15 | distributed.py (its owner's) | no collectives found |
 | resolve_process_group | torch.distributed.distributed_c10d._resolve_process_group | 2.11-2.15 | distributed.py | no collectives found |
 
-The "torch" column: the releases that have the API at that path. 2.13.0 and 2.15.0 run the
-tests (`tests/test_torch_api.py` looks every API up); 2.11.0's source was read for each path
-(December 2026); 2.12 and 2.14 lie between releases that have them all. The bundle also
+The "torch" column: the releases that have the API at that path. 2.11.0, 2.13.0 and 2.15.0
+ran the tests (`tests/test_torch_api.py` looks every API up; 2.11.0 and 2.15.0 by hand,
+December 2026); 2.12 and 2.14 lie between releases that have them all. The bundle also
 speaks Inductor's C++ calling convention (`_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR`, in
 2.11-2.15): a torch whose `CppPythonBindingsCodeCache` does not mention it has the bundle off
 (the version check).
