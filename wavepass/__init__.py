@@ -19,13 +19,12 @@ above works without `import wavepass`. This module adds the runtime API:
 
 from __future__ import annotations
 
-from torch._dynamo import list_backends, register_backend
-
 from .backend import wavespeed
 from .notices import WavespeedWarning
 from .options import CacheOptions, CacheSettings
 from .runtime import (Stats, cache_context, cache_settings, current_context, reset, same_step, skipping,
                       stats, watch)
+from .torch_api import register_backend
 
 __all__ = [
     "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
@@ -33,5 +32,4 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-if "wavespeed" not in list_backends(exclude_tags=()):
-    register_backend(wavespeed, name="wavespeed")
+register_backend(wavespeed, name="wavespeed")  # unless the entry point did (torch_api)

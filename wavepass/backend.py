@@ -30,6 +30,7 @@ from .passes.find_blocks import find_blocks
 from .passes.fx_facts import example_value
 from .passes.partition import CachedPartition, Piece, partition
 from .runtime import CachedProgram, UncachedProgram, Wiring, watched_module
+from .torch_api import core_unavailable_reason
 
 
 def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
@@ -37,6 +38,9 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     """Dynamo backend entry point (registered as "wavespeed")."""
     opts = CacheOptions.from_dict(options)
     mode = mode if mode is not None else opts.mode
+    unavailable = core_unavailable_reason()
+    if unavailable is not None:  # a torch whose internals wavepass cannot use: plain Inductor
+        return _uncached(gm, example_inputs, opts, mode, unavailable)
     if torch.is_grad_enabled():
         return _uncached(gm, example_inputs, opts, mode,
                          "grad mode is on (training, or a call outside torch.no_grad()), "

@@ -13,23 +13,27 @@ Read-only questions to Dynamo about a model the user asked to compile with `wave
   which means the model's frame was not compiled and its blocks reach us one by one.
 
 Each answer names the real cause and the fix. Every private Dynamo API read here is
-optional: without it the answer is less specific, never wrong.
+optional (looked up through `torch_api`): without it the answer is less specific, never wrong.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import torch_api
+
 
 def why_uncompiled(module: torch.nn.Module) -> str:
     """Why calls of `module` reach no wavespeed program."""
     name = type(module).__name__
-    import torch._dynamo
-
-    if torch._dynamo.config.disable:
+    try:
+        config = torch_api.api("dynamo_config")
+    except torch_api.Missing:
+        config = None
+    if getattr(config, "disable", False):
         return ("Dynamo is disabled in this process (torch._dynamo.config.disable or "
                 "TORCHDYNAMO_DISABLE=1); unset it to compile and cache")
-    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    limit = getattr(config, "recompile_limit", None)
     for what, code in _entry_codes(module):
         versions = _compiled_versions(code)
         if limit is not None and versions is not None and versions >= limit:
@@ -72,19 +76,17 @@ def _entry_codes(module: torch.nn.Module) -> list[tuple[str, object]]:
 def _compiled_versions(code) -> int | None:
     """How many compiled versions Dynamo holds for `code` (None: this torch does not say)."""
     try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    except ImportError:
+        entries = torch_api.api("debug_get_cache_entry_list")
+    except torch_api.Missing:
         return None
-    return len(_debug_get_cache_entry_list(code))
+    return len(entries(code))
 
 
 def _frame_self() -> object | None:
     """The first argument of the frame Dynamo is compiling now (`self` of a forward)."""
     try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx()
-    except (ImportError, AttributeError):
+        tx = torch_api.api("InstructionTranslator").current_tx()
+    except (torch_api.Missing, AttributeError):
         return None
     if tx is None:
         return None

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
+from . import torch_api
+
 GROUP_ARGUMENT = "group_name"
 
 
@@ -109,9 +111,13 @@ def reduction_groups(ranks: dict[str, tuple[int, ...] | None]) -> tuple[str, ...
 
 def _group_argument_index(target: Any) -> int | None:
     """Where `target`'s schema takes the process group's name (None: not a collective)."""
-    if isinstance(target, torch._ops.OpOverloadPacket):
+    try:
+        packet, overload_type = torch_api.api("OpOverloadPacket"), torch_api.api("OpOverload")
+    except torch_api.Missing:
+        return None
+    if isinstance(target, packet):
         schemas = [getattr(target, overload)._schema for overload in target.overloads()]
-    elif isinstance(target, torch._ops.OpOverload):
+    elif isinstance(target, overload_type):
         schemas = [target._schema]
     else:
         return None
@@ -133,9 +139,8 @@ def _group_name(value: Any) -> str | None:
 def _ranks_of(name: str) -> tuple[int, ...] | None:
     """The global ranks of the group named `name` (None where this process cannot resolve it)."""
     import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _resolve_process_group
 
     try:
-        return tuple(dist.get_process_group_ranks(_resolve_process_group(name)))
-    except (LookupError, RuntimeError, ValueError):
+        return tuple(dist.get_process_group_ranks(torch_api.api("resolve_process_group")(name)))
+    except (torch_api.Missing, LookupError, RuntimeError, ValueError):
         return None
