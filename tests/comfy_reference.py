@@ -29,7 +29,7 @@ def flux_cache(threshold: float) -> ReferenceFBCache:
 
 def unet_cache(threshold: float) -> ReferenceFBCache:
     """The UNet's cached residual runs from the first input block's output to the last
-    output block's (paired by shape, README's UNet rule)."""
+    output block's (paired by shape, docs/design.md#the-unet-rule)."""
     return ReferenceFBCache(threshold, main="h")
 
 

@@ -10,7 +10,7 @@ A model under test is written as three eager stages:
 holds the streams the epilogue reads, and `main` names the stream whose first-block residual
 (`first_outputs[main] - block_input`) decides. A final stream continues the first output of
 its name, or `bases[name](first_outputs)` where given (e.g. a concatenation of two streams
-that two stacks are joined by). The rule is the one the README states.
+that two stacks are joined by). The rule is the one docs/design.md#decisions states.
 """
 
 from __future__ import annotations
