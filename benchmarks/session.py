@@ -84,8 +84,6 @@ THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 21)]  # 0.05 .. 1.0
 TUNED = 0.3  # the threshold the user keeps after tuning
 LORAS = 3
 STRENGTHS = (1.0, 0.5)
-# the LoRA targets of tests/test_comfy_nodes.py (write_lora)
-LORA_TARGETS = ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.1.linear1")
 PHASES = ("threshold", "uncached", "lora", "model", "resolution")
 
 
@@ -165,22 +163,6 @@ def _short_guard(text: str) -> str:
     return re.sub(r"\s+#.*$", "", text).strip()
 
 
-def write_lora(folder: Path, name: str, diffusion_model, seed: int) -> str:
-    """A random rank-2 LoRA in ComfyUI's key format, as tests/test_comfy_nodes.py writes it."""
-    import torch
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for path in LORA_TARGETS:
-        out_features, in_features = diffusion_model.get_submodule(path).weight.shape
-        key = f"diffusion_model.{path}"
-        state[f"{key}.lora_up.weight"] = torch.randn(out_features, 2, generator=g) * 0.3
-        state[f"{key}.lora_down.weight"] = torch.randn(2, in_features, generator=g) * 0.3
-    save_file(state, str(folder / name))
-    return name
-
-
 class Node:
     """A node of the workflow with ComfyUI's execution cache: it executes again only when its
     inputs differ from its last execution's (upstream outputs by identity, widget values)."""
@@ -246,7 +228,7 @@ def child(config: str, args) -> dict:
     tiny = models[0]
     lora_folder = Path(tempfile.mkdtemp(prefix="wavepass-session-loras-"))
     folder_paths.add_model_folder_path("loras", str(lora_folder))
-    lora_names = [write_lora(lora_folder, f"session-{i}.safetensors", tiny.diffusion_model, seed=10 + i)
+    lora_names = [comfy_models.write_lora(lora_folder, f"session-{i}.safetensors", tiny.diffusion_model, seed=10 + i)
                   for i in range(LORAS)]
     lora_node = Node("LoraLoaderModelOnly", lambda m, name, strength:
                      nodes.LoraLoaderModelOnly().load_lora_model_only(m, name, strength)[0])

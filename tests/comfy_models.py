@@ -230,3 +230,23 @@ def build(name: str, seed: int = 0) -> TinyModel:
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
     return TinyModel(name, spec, patcher, conditioning(spec, seed + 1), conditioning(spec, seed + 2),
                      model.diffusion_model)
+
+
+FLUX_LORA_TARGETS = ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.1.linear1")
+
+
+def write_lora(folder, name: str, diffusion_model: torch.nn.Module, seed: int,
+               targets: tuple[str, ...] = FLUX_LORA_TARGETS) -> str:
+    """A random rank-2 LoRA of the `targets` Linear layers, in ComfyUI's key format
+    (`diffusion_model.<module>.lora_up/down`), saved as `folder/name`."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for path in targets:
+        out_features, in_features = diffusion_model.get_submodule(path).weight.shape
+        key = f"diffusion_model.{path}"
+        state[f"{key}.lora_up.weight"] = torch.randn(out_features, 2, generator=g) * 0.3
+        state[f"{key}.lora_down.weight"] = torch.randn(2, in_features, generator=g) * 0.3
+    save_file(state, str(folder / name))
+    return name

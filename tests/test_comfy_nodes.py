@@ -22,7 +22,6 @@ import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy_models  # noqa: E402
 import folder_paths  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 from wavepass_comfy.nodes import ApplyFirstBlockCache, CompileModelPlus  # noqa: E402
 
 import wavepass  # noqa: E402
@@ -143,27 +142,11 @@ def test_cond_and_uncond_chunks_of_a_step_decide_together(tiny):
 # --- LoRA ------------------------------------------------------------------------------------
 
 
-LORA_TARGETS = ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_mlp.0", "single_blocks.1.linear1")
-
-
-def write_lora(folder, name: str, diffusion_model: torch.nn.Module, seed: int) -> str:
-    """A random rank-2 LoRA in ComfyUI's key format (`diffusion_model.<module>.lora_up/down`)."""
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for path in LORA_TARGETS:
-        out_features, in_features = diffusion_model.get_submodule(path).weight.shape
-        key = f"diffusion_model.{path}"
-        state[f"{key}.lora_up.weight"] = torch.randn(out_features, 2, generator=g) * 0.3
-        state[f"{key}.lora_down.weight"] = torch.randn(2, in_features, generator=g) * 0.3
-    save_file(state, str(folder / name))
-    return name
-
-
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory, tiny):
     folder = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(folder))
-    return [write_lora(folder, f"random-{seed}.safetensors", tiny.diffusion_model, seed) for seed in (1, 2)]
+    return [comfy_models.write_lora(folder, f"random-{seed}.safetensors", tiny.diffusion_model, seed) for seed in (1, 2)]
 
 
 def with_lora(model, name: str, strength: float):

@@ -32,7 +32,6 @@ import comfy_models  # noqa: E402
 import comfy_reference  # noqa: E402
 import folder_paths  # noqa: E402
 from fbcache_reference import ReferenceFBCache  # noqa: E402
-from test_comfy_nodes import write_lora  # noqa: E402
 from test_diffusers_integration import flux_pipe, run  # noqa: E402
 
 import models  # noqa: E402
@@ -104,7 +103,7 @@ class Session:
     def lora(self, index: int, strength: float):
         name = f"session-{self.name}-{index}.safetensors"
         if not (self.loras / name).exists():
-            write_lora_for(self.name, self.loras, name, self.tiny.diffusion_model, seed=10 + index)
+            write_lora_for(self.loras, name, self.tiny.diffusion_model, seed=10 + index)
         return nodes.LoraLoaderModelOnly().load_lora_model_only(self.tiny.patcher, name, strength)[0]
 
     def bigger_latent(self) -> dict:
@@ -113,18 +112,11 @@ class Session:
         return {"samples": torch.zeros(shape)}
 
 
-def write_lora_for(name, folder, file, diffusion_model, seed):
-    """A random LoRA (tests/test_comfy_nodes.py's format) on three of the model's attention
-    and feed-forward Linear layers."""
-    import test_comfy_nodes
-
+def write_lora_for(folder, file, diffusion_model, seed):
+    """A random LoRA on three of the model's attention and feed-forward Linear layers."""
     targets = tuple(path for path, module in diffusion_model.named_modules()
                     if isinstance(module, torch.nn.Linear) and path.endswith(LORA_SUFFIXES))[:3]
-    saved, test_comfy_nodes.LORA_TARGETS = test_comfy_nodes.LORA_TARGETS, targets
-    try:
-        write_lora(folder, file, diffusion_model, seed)
-    finally:
-        test_comfy_nodes.LORA_TARGETS = saved
+    comfy_models.write_lora(folder, file, diffusion_model, seed, targets)
 
 
 LORA_SUFFIXES = ("img_attn.qkv", "txt_mlp.0", "linear1", "attn1.to_q", "attn2.to_v", "ff.net.2")
