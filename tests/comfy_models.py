@@ -141,6 +141,22 @@ SPECS: dict[str, Spec] = {
         latent_shape=(1, 16, 2, 8, 8), context_dim=16, cached_blocks=_blocks("blocks", 3),
         time_embedders=("time_embedding.0",),
     ),
+    "hidream": Spec(
+        "HiDream",
+        {
+            "image_model": "hidream", "patch_size": 2, "in_channels": 16, "out_channels": 16,
+            "num_layers": 2, "num_single_layers": 3, "attention_head_dim": 8, "num_attention_heads": 2,
+            "caption_channels": [8, 8], "text_emb_dim": 8, "num_routed_experts": 4,
+            "num_activated_experts": 2, "axes_dims_rope": [4, 2, 2], "max_resolution": [8, 8],
+            "llama_layers": [0, 1, 2, 3, 3],
+        },
+        # every block's mixture of experts routes tokens through boolean masks: graph breaks,
+        # so the stack is split and cached at the module level (wavepass.stack_cache)
+        latent_shape=(1, 16, 8, 8), context_dim=8, pooled_dim=8,
+        extra_cond={"conditioning_llama3": torch.randn(1, 4, TOKENS, 8, generator=torch.Generator().manual_seed(7))},
+        cached_blocks=_blocks("single_stream_blocks", 3), cfg=1.0,
+        time_embedders=("t_embedder.timestep_embedder.linear_1",),
+    ),
 }
 
 MODEL_NAMES = tuple(SPECS)

@@ -402,10 +402,11 @@ def test_unsafe_cut_warns_and_stays_correct():
 
 
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
-@pytest.mark.parametrize("where, caches", [("prologue", True), ("block", False)])
-def test_graph_breaks_stay_correct(compiler, where, caches):
-    """A graph that holds the whole stack still caches; a stack split by a break cannot, and
-    every graph then runs uncached, with the same results."""
+@pytest.mark.parametrize("where", ["prologue", "block"])
+def test_graph_breaks_stay_correct(compiler, where):
+    """A graph that holds the whole stack still caches (the prologue's piece says it has no
+    stack); a stack split by a break in a block is cached around the stack at the module
+    level (stack_cache.py), silently. Either way the results are the model's."""
     torch.manual_seed(0)
     model = Blocks(graph_break=where).eval()
     c = compiled(model, residual_diff_threshold=0.0, compiler=compiler)
@@ -416,11 +417,12 @@ def test_graph_breaks_stay_correct(compiler, where, caches):
             torch.testing.assert_close(c(x), model(x), atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] >= 2  # the break did split the model
     stats = wavepass.stats(model)  # model calls, not calls of each graph of the split model
-    assert (stats.calls, stats.hits) == (3, 0)
-    # a fragment without the blocks beside a graph that caches needs no excuse
-    assert stats.reason is None if caches else "no stack of repeated blocks" in stats.reason
-    # the graph(s) without the whole stack say why they run uncached
-    assert any("no stack of repeated blocks" in str(w.message) for w in record)
+    assert (stats.calls, stats.hits, stats.reason) == (3, 0, None)
+    said = [str(w.message) for w in record if str(w.message).startswith("wavespeed")]
+    if where == "prologue":
+        assert any("no stack of repeated blocks" in text for text in said)
+    else:
+        assert said == [] and programs_of(model)[0].blocks == tuple(f"blocks.{i}" for i in range(4))
 
 
 def test_no_recompiles_across_generations(flux, no_fallback):

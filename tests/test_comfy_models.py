@@ -23,6 +23,11 @@ cond and uncond as one batched call per step):
     ltxv           lightricks.LTXVModel              0.10       .XX.X...   0.003   transformer_blocks.0-2
     hunyuan_video  hunyuan_video.HunyuanVideo        0.10       .X.X....   0.002   double_blocks.0-1, single_blocks.0-1
     wan            wan.model.WanModel                0.10       .XX.X...   0.004   blocks.0-2
+    hidream        hidream.model.HiDreamImage...     0.30       .X.X.X.X   0.024   single_stream_blocks.0-2 (*)
+
+(*) HiDream's mixture of experts breaks the graph in every block: Dynamo runs its forward as
+    Python and compiles each block on its own, and the cache sits around its stack at the
+    module level (wavepass.stack_cache); its random modulation moves more between steps.
 
 Every model is sampled and compiled once per threshold (`experiment`, cached for the module,
 plus one bare compile; Dynamo compiling is most of the time); the tests check those runs.
@@ -50,7 +55,8 @@ from wavepass.runtime import programs_of  # noqa: E402
 from wavepass_comfy.nodes import ApplyFirstBlockCache  # noqa: E402
 
 STEPS = 8
-THRESHOLDS = {"flux": 0.10, "sd3": 0.25, "sdxl": 0.04, "ltxv": 0.10, "hunyuan_video": 0.10, "wan": 0.10}
+THRESHOLDS = {"flux": 0.10, "sd3": 0.25, "sdxl": 0.04, "ltxv": 0.10, "hunyuan_video": 0.10, "wan": 0.10,
+              "hidream": 0.30}
 CLOSE = 0.03  # mean |cached - unpatched| / mean |unpatched| at THRESHOLDS
 
 

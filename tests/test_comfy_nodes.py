@@ -187,3 +187,25 @@ def test_bad_inputs_name_the_fix(tiny, node, inputs, message):
     }[node]
     with pytest.raises(ValueError, match=message):
         node.execute(model=tiny.patcher, object_to_patch="diffusion_model", **{**defaults, **inputs})
+
+
+def test_hidream_with_compile_model_plus_skips_and_threshold_zero_is_the_model():
+    """ComfyUI's HiDream: its mixture of experts breaks the graph in every block, so the
+    stack is cached at the module level while Inductor compiles each block's graphs.
+    Through KSampler's code path with both nodes: threshold 0 gives the unpatched model's
+    latent, a threshold skips steps, and tuning it compiles nothing."""
+    hidream = comfy_models.build("hidream")
+    reference = sample(hidream, hidream.patcher)
+    compiled = compile_plus(hidream.patcher)
+    exact_model = fbcache(compiled, threshold=0.0)
+    exact = sample(hidream, exact_model)
+    stats = wavepass.stats(exact_model)
+    assert (stats.calls, stats.hits, stats.reason) == (STEPS, 0, None)
+    torch.testing.assert_close(exact, reference, atol=1e-4, rtol=1e-4)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    cached_model = fbcache(compiled, threshold=0.3)
+    cached = sample(hidream, cached_model)
+    stats = wavepass.stats(cached_model)
+    assert stats.reason is None and 0 < stats.hits < STEPS, stats
+    assert (cached - reference).abs().mean() < 0.05 * reference.abs().mean()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -224,21 +224,43 @@ class Block(torch.nn.Module):
 
 class SkippedFrameModel(torch.nn.Module):
     """Its own forward is a frame Dynamo skips (as under `torch.compiler.disable`); its blocks
-    are not, so Dynamo compiles them one by one and the backend sees one block per graph."""
+    are not, so Dynamo compiles them one by one and the backend sees one block per graph.
+    `listed`: the blocks are a ModuleList (a stack wavepass caches at the module level);
+    otherwise three attributes, which are no stack."""
 
-    def __init__(self):
+    def __init__(self, listed: bool = True):
         super().__init__()
-        self.blocks = torch.nn.ModuleList(Block() for _ in range(3))
+        blocks = [Block() for _ in range(3)]
+        if listed:
+            self.blocks = torch.nn.ModuleList(blocks)
+        else:
+            self.b0, self.b1, self.b2 = blocks
 
     @torch.compiler.disable(recursive=False)
     def forward(self, x):
-        for block in self.blocks:
+        blocks = self.blocks if hasattr(self, "blocks") else (self.b0, self.b1, self.b2)
+        for block in blocks:
             x = block(x)
         return x
 
 
-def test_blocks_compiled_one_by_one_name_the_real_cause():
+def test_blocks_compiled_one_by_one_are_cached_around_their_stack():
     model = SkippedFrameModel()
+    compiled = torch.compile(model, backend="wavespeed",
+                             options={"compiler": "eager", "residual_diff_threshold": 0.5})
+    x = torch.randn(2, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", wavepass.WavespeedWarning)
+        for step in range(4):
+            out = compiled(x + 1e-3 * step)
+    stats = wavepass.stats(model)
+    # the stack is learned during the first call, which runs uncached
+    assert stats.reason is None and stats.decisions == (False, False, True, True)
+    torch.testing.assert_close(out, model(x + 1e-3), atol=1e-2, rtol=0)
+
+
+def test_blocks_compiled_one_by_one_without_a_stack_name_the_real_cause():
+    model = SkippedFrameModel(listed=False)
     compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
     x = torch.randn(2, 8)
     with pytest.warns(wavepass.WavespeedWarning) as caught, wavepass.watch(model):

@@ -8,6 +8,11 @@ Graphs the cache cannot handle (no repeated blocks, a cut it cannot prove correc
 mode) are compiled whole, as `backend="inductor"` would, after one warning per reason, and
 run as an `UncachedProgram` that counts its calls with that reason for `wavepass.stats`.
 
+A graph of a frame that runs *inside* a block stack (Dynamo split the stack: a graph break in
+a block or between blocks, so the blocks reach the backend as frames of their own) is a
+fragment: compiled as it is, while `stack_cache.StackCache` caches around the stack at the
+module level (`module_stack.py` finds the stack on the Python call stack).
+
 The cache settings in `options=` (threshold, hit limit, warm-up) are only the program's
 defaults: the program reads them at every call (`wavepass.cache_settings` overrides them),
 so they never need another compile.
@@ -21,16 +26,18 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .compilers import compile_pieces, plain_fallback, records_cuda_graphs
+from .compilers import compile_graph, compile_pieces, plain_fallback, records_cuda_graphs
 from .diagnosis import frame_outside
 from .distributed import decision_reducer
+from .module_stack import Stack, enclosing_stack, modules_on_call_stack
 from .options import CacheOptions
 from .passes.errors import CannotCache, NoRepeatedBlocks
 from .passes.find_blocks import find_blocks
 from .passes.fx_facts import example_value
 from .passes.partition import CachedPartition, Piece, partition
 from .runtime import CachedProgram, UncachedProgram, Wiring, watched_module
-from .torch_api import core_unavailable_reason
+from .stack_cache import FragmentProgram, adopt
+from .torch_api import core_unavailable_reason, enabled
 
 
 def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
@@ -45,6 +52,9 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
         return _uncached(gm, example_inputs, opts, mode,
                          "grad mode is on (training, or a call outside torch.no_grad()), "
                          "where cached steps would have no gradient")
+    stack = enclosing_stack() if enabled("split_stacks") else None
+    if stack is not None:
+        return _fragment(gm, example_inputs, opts, mode, stack)
     try:
         part = _first_partition(gm)
     except NoRepeatedBlocks as exc:
@@ -61,6 +71,16 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     blocks = tuple(block.path for block in part.layout.blocks)
     return CachedProgram(head, rest, tail, wiring, opts.settings, blocks, description,
                          stores_copies=records_cuda_graphs(opts, mode), reduce=decision_reducer(gm))
+
+
+def _fragment(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions, mode: str | None,
+              stack: Stack) -> FragmentProgram:
+    """A graph of a frame inside `stack`, compiled as it is; the stack gets its cache."""
+    adopt(stack, wavespeed)
+    running = {id(m) for m in modules_on_call_stack()}
+    of_anchor_block = any(id(block) in running for block in stack.blocks)
+    compiled = compile_graph(gm, example_inputs, opts, mode, name="fragment of a split stack")
+    return FragmentProgram(compiled, of_anchor_block, wavespeed)
 
 
 def _uncached(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions, mode: str | None,

@@ -173,6 +173,7 @@ class _Program:
     its counts for `stats`, and the reason it runs uncached (None: it caches)."""
 
     reason: str | None = None
+    counted = True  # False: a fragment of a model another program counts (stack_cache)
 
     def __init__(self, parameters: tuple[int, ...]) -> None:
         self._parameters_of = _picker(parameters)
@@ -227,19 +228,65 @@ class UncachedProgram(_Program):
         return result
 
 
-class CachedProgram(_Program):
-    """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks.
+class _Deciding(_Program):
+    """A program that decides per call whether to skip blocks: the settings it decides with,
+    First Block Cache's rule, and `same_step` followers. `defaults`: the settings when no
+    `cache_settings` block overrides them. `reduce`: where the decision is shared by several
+    processes (context parallelism), sums the two float32 sums it compares over them (see
+    `relative_l1`)."""
 
-    `defaults`: the settings of the decision rule when no `cache_settings` block overrides
-    them. `reduce`: where the decision is shared by several processes (context parallelism),
-    sums the two float32 sums the decision compares over them (see `relative_l1`).
-    """
+    def __init__(self, parameters: tuple[int, ...], defaults: CacheSettings,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        super().__init__(parameters)
+        self._defaults = defaults
+        self._reduce = reduce
+        self._step: tuple[Any, bool] | None = None  # (same_step key, its decision)
+
+    def settings(self) -> CacheSettings:
+        """The settings a call made now decides with."""
+        overrides = _overrides.get()
+        return dataclasses.replace(self._defaults, **overrides) if overrides else self._defaults
+
+    def _decide(self, state: _State, signal: torch.Tensor, settings: CacheSettings) -> bool:
+        """First Block Cache, with calls of one `same_step` following the first one's decision."""
+        state.calls += 1
+        key = _step_key.get()
+        if key is not None and self._step is not None and self._step[0] == key:
+            skip = self._step[1] and state.signal is not None and _skipping_allowed.get()
+            state.hits_in_row = state.hits_in_row + 1 if skip else 0
+            return skip
+        skip = self._decide_alone(state, signal, settings)
+        self._step = (key, skip) if key is not None else None
+        return skip
+
+    def _decide_alone(self, state: _State, signal: torch.Tensor, opts: CacheSettings) -> bool:
+        """First Block Cache: skip when the first-block residual barely moved."""
+        if (
+            not opts.may_skip
+            or not _skipping_allowed.get()
+            or state.signal is None
+            or state.calls <= opts.warmup_steps
+            or 0 < opts.max_consecutive_cache_hits <= state.hits_in_row
+        ):
+            state.hits_in_row = 0
+            return False
+        skip = relative_l1(signal, state.signal, self._reduce) < opts.residual_diff_threshold
+        state.hits_in_row = state.hits_in_row + 1 if skip else 0
+        return skip
+
+    def reset(self) -> None:
+        super().reset()
+        self._step = None
+
+
+class CachedProgram(_Deciding):
+    """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""
 
     def __init__(self, head: Callable, rest: Callable, tail: Callable, wiring: Wiring,
                  defaults: CacheSettings, blocks: tuple[str, ...], description: str,
                  stores_copies: bool = False,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        super().__init__(wiring.parameters)
+        super().__init__(wiring.parameters, defaults, reduce)
         self._head, self._rest, self._tail = head, rest, tail
         # Pieces run as CUDA graphs return outputs that their next replay overwrites: the
         # signal and residuals kept for later calls are then copies.
@@ -248,16 +295,8 @@ class CachedProgram(_Program):
         self._wiring = wiring
         self._head_args, self._rest_args, self._tail_args = map(_picker, (wiring.head_in, wiring.rest_in, wiring.tail_in))
         self._activations_of = _picker(wiring.activations)
-        self._defaults = defaults
-        self._reduce = reduce
         self.description = description
         self._states: dict[str, _State] = {}
-        self._step: tuple[Any, bool] | None = None  # (same_step key, its decision)
-
-    def settings(self) -> CacheSettings:
-        """The settings a call made now decides with."""
-        overrides = _overrides.get()
-        return dataclasses.replace(self._defaults, **overrides) if overrides else self._defaults
 
     def __call__(self, *args: Any) -> Any:
         _ran.calls = getattr(_ran, "calls", 0) + 1
@@ -296,33 +335,6 @@ class CachedProgram(_Program):
         self._count(skip)
         return result
 
-    def _decide(self, state: _State, signal: torch.Tensor, settings: CacheSettings) -> bool:
-        """First Block Cache, with calls of one `same_step` following the first one's decision."""
-        state.calls += 1
-        key = _step_key.get()
-        if key is not None and self._step is not None and self._step[0] == key:
-            skip = self._step[1] and state.signal is not None and _skipping_allowed.get()
-            state.hits_in_row = state.hits_in_row + 1 if skip else 0
-            return skip
-        skip = self._decide_alone(state, signal, settings)
-        self._step = (key, skip) if key is not None else None
-        return skip
-
-    def _decide_alone(self, state: _State, signal: torch.Tensor, opts: CacheSettings) -> bool:
-        """First Block Cache: skip when the first-block residual barely moved."""
-        if (
-            not opts.may_skip
-            or not _skipping_allowed.get()
-            or state.signal is None
-            or state.calls <= opts.warmup_steps
-            or 0 < opts.max_consecutive_cache_hits <= state.hits_in_row
-        ):
-            state.hits_in_row = 0
-            return False
-        skip = relative_l1(signal, state.signal, self._reduce) < opts.residual_diff_threshold
-        state.hits_in_row = state.hits_in_row + 1 if skip else 0
-        return skip
-
     def _signature(self, args: Sequence[Any]) -> tuple:
         activations = tuple(
             (a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else a
@@ -334,7 +346,6 @@ class CachedProgram(_Program):
     def reset(self) -> None:
         super().reset()
         self._states.clear()
-        self._step = None
 
 
 def _itself(tensor: torch.Tensor) -> torch.Tensor:
@@ -396,15 +407,16 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor,
 
 
 def programs_of(model: Any | None) -> list[_Program]:
-    """The cached programs that last ran with `model`'s parameters (all of them for None).
+    """The programs that last ran with `model`'s parameters (all of them for None), but for
+    fragments of a split stack, whose `StackCache` is the model's program.
 
     `model` is a torch.nn.Module (the compiled model or the original one) or an object that
     holds one as `.model`, such as the MODEL (a ComfyUI ModelPatcher) the ComfyUI nodes return.
     """
     if model is None:
-        return list(_programs)
+        return [p for p in _programs if p.counted]
     ids = {id(p) for p in module_of(model).parameters()}
-    return [p for p in _programs if p.owned_by(ids)]
+    return [p for p in _programs if p.counted and p.owned_by(ids)]
 
 
 def module_of(model: Any) -> torch.nn.Module:

@@ -54,6 +54,8 @@ is absent the passes find no blocks and the graph is compiled whole after the us
 | dynamo_config | torch._dynamo.config | 2.11-2.15 | diagnosis.py (its owner's) | less specific reasons |
 | debug_get_cache_entry_list | torch._dynamo.eval_frame._debug_get_cache_entry_list | 2.11-2.15 | diagnosis.py | less specific reasons |
 | InstructionTranslator | torch._dynamo.symbolic_convert | 2.11-2.15 | diagnosis.py | less specific reasons |
+| get_eval_frame_callback | torch._C._dynamo.eval_frame | 2.11-2.15 | split_stacks: is `wavespeed` running this call | a stack split by graph breaks is not cached (the old warning) |
+| skip_code | torch._dynamo.eval_frame | 2.11-2.15 | split_stacks: the cache's block entry runs as Python, the block compiled | as above |
 | OpOverload, OpOverloadPacket | torch._ops | 2.11-2.15 | distributed.py (its owner's) | no collectives found |
 | resolve_process_group | torch.distributed.distributed_c10d._resolve_process_group | 2.11-2.15 | distributed.py | no collectives found |
 
@@ -131,6 +133,8 @@ APIS: dict[str, tuple[str, ...]] = {
     "dynamo_config": ("torch._dynamo.config",),
     "debug_get_cache_entry_list": ("torch._dynamo.eval_frame._debug_get_cache_entry_list",),
     "InstructionTranslator": ("torch._dynamo.symbolic_convert.InstructionTranslator",),
+    "get_eval_frame_callback": ("torch._C._dynamo.eval_frame.get_eval_frame_callback",),
+    "skip_code": ("torch._dynamo.eval_frame.skip_code",),
     "OpOverload": ("torch._ops.OpOverload",),
     "OpOverloadPacket": ("torch._ops.OpOverloadPacket",),
     "resolve_process_group": ("torch.distributed.distributed_c10d._resolve_process_group",),
@@ -196,6 +200,10 @@ FEATURES: dict[str, Feature] = {
         ("CompiledFxGraph", "OutputType", "TracingContext.try_get", "is_traceable_wrapper_subclass",
          "is_any_autocast_enabled", "inductor_cache_dir"),
         "block graphs run inside AOTAutograd's runtime wrappers (~10-15 us more a call)"),
+    "split_stacks": Feature(
+        "caching a block stack that Dynamo splits into several graphs (stack_cache.py)",
+        ("get_eval_frame_callback", "skip_code"),
+        "such a model compiles without the cache, after the warning that names the graph break"),
     "dynamo_counters": Feature(
         "counting in torch._dynamo.utils.counters['wavepass']",
         ("counters",),
@@ -367,6 +375,19 @@ def counters() -> defaultdict[str, Counter[str]]:
     """Dynamo's counters (`torch._dynamo.utils.counters`), where wavepass counts its pieces
     and block graphs; a dictionary of wavepass's own where this torch has none."""
     return api("counters") if enabled("dynamo_counters") else _own_counters
+
+
+def backend_of(callback: Any) -> tuple[Callable[..., Any], dict[str, Any]] | None:
+    """(compiler function, keyword arguments) of the `torch.compile` that Dynamo's frame
+    `callback` (`get_eval_frame_callback()`, None outside torch.compile) was made for: the
+    callback keeps its backend as `_torchdynamo_orig_backend`, and
+    `torch.compile(backend="name", options=...)` wraps it as `compiler_fn` + `kwargs`."""
+    backend = callback
+    while hasattr(backend, "_torchdynamo_orig_backend"):
+        backend = backend._torchdynamo_orig_backend
+    if backend is None:
+        return None
+    return getattr(backend, "compiler_fn", backend), dict(getattr(backend, "kwargs", None) or {})
 
 
 def invoke_subgraph() -> Any:

@@ -1,0 +1,316 @@
+"""Models whose block stack Dynamo splits into several graphs: the module-level cache.
+
+A graph break inside a block (a data-dependent `nonzero`, MoE routing, `.item()`, a print)
+or between blocks makes Dynamo run the model's forward as Python and compile each block's
+frames on their own; `wavepass.stack_cache` then caches around the stack. Every test
+compares against `ReferenceFBCache` (tests/fbcache_reference.py), written without wavepass,
+decision for decision, and many runs share one process as a user's session does.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import wavepass
+from wavepass import notices
+from fbcache_reference import ReferenceFBCache
+from test_random_models import SLOW_EXAMPLES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import moe  # noqa: E402
+
+WIDTH = 8
+
+
+class BreakingBlock(torch.nn.Module):
+    """x -> x + mlp(x + cond), with graph breaks at `breaks` (0: before the MLP, 1: inside
+    it, through `nonzero`, whose shape Dynamo cannot know, 2: after it; "item": a `.item()`
+    in the maths)."""
+
+    def __init__(self, breaks: tuple = (1,)) -> None:
+        super().__init__()
+        self.breaks = breaks
+        self.fc1, self.fc2 = torch.nn.Linear(WIDTH, 2 * WIDTH), torch.nn.Linear(2 * WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if 0 in self.breaks:
+            torch._dynamo.graph_break()
+        h = torch.nn.functional.gelu(self.fc1(x + cond))
+        if 1 in self.breaks:
+            active = (h[..., 0] == h[..., 0]).nonzero()  # data-dependent shape (all rows: no recompiles)
+            h = h * (1.0 + 0.0 * active.shape[0])
+        if "item" in self.breaks:
+            h = h * (1.0 + 0.0 * h.sum().item())
+        out = x + 0.3 * self.fc2(h)
+        if 2 in self.breaks:
+            torch._dynamo.graph_break()
+        return out
+
+
+class BreakingStack(torch.nn.Module):
+    """embed -> blocks (graph breaks inside them, and between blocks in `between`) -> head."""
+
+    def __init__(self, blocks: list[tuple], between: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.between = between
+        self.embed = torch.nn.Linear(WIDTH, WIDTH)
+        self.time = torch.nn.Linear(1, WIDTH)
+        self.blocks = torch.nn.ModuleList(BreakingBlock(b) for b in blocks)
+        self.head = torch.nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = torch.tanh(self.time(t[:, None, None]))
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks):
+            if i in self.between:
+                torch._dynamo.graph_break()
+            x = block(x, cond)
+        return self.head(x)
+
+    # the stages the reference cache runs, written from the forward above
+    def stages(self):
+        def head(x, t):
+            cond = torch.tanh(self.time(t[:, None, None]))
+            h = self.embed(x)
+            return h, {"x": self.blocks[0](h, cond)}, cond
+
+        def rest(first, cond):
+            x = first["x"]
+            for block in self.blocks[1:]:
+                x = block(x, cond)
+            return {"x": x}
+
+        def tail(final, cond):
+            return self.head(final["x"])
+
+        return head, rest, tail
+
+
+def _steps(count: int, size: float = 0.02, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, WIDTH, generator=generator)
+    for i in range(count):
+        yield x + size * i * torch.randn(1, 4, WIDTH, generator=generator), torch.full((1,), 1.0 - i * size)
+
+
+def _run_against_reference(model, compiled, threshold: float, steps, reference=None):
+    reference = reference or ReferenceFBCache(threshold, main="x")
+    wavepass.reset(model)
+    with wavepass.cache_settings(residual_diff_threshold=threshold):
+        for x, t in steps:
+            expected = reference(*model.stages(), x, t)
+            torch.testing.assert_close(compiled(x, t), expected, rtol=1e-5, atol=1e-5)
+    assert list(wavepass.stats(model).decisions) == reference.decisions
+    return reference.decisions
+
+
+@pytest.fixture(scope="module")
+def inductor_stack():
+    """One stack with a `nonzero` inside every block, compiled by Inductor once for the tests
+    that share it (conftest resets Dynamo per test; Inductor's disk cache keeps the code)."""
+    torch.manual_seed(0)
+    return BreakingStack([(1,), (1, 2), (1,), (1,)])
+
+
+def test_every_block_breaking_caches_like_the_reference(inductor_stack):
+    model = inductor_stack
+    compiled = torch.compile(model, backend="wavespeed")
+    steps = list(_steps(10))
+    with torch.no_grad():
+        compiled(*steps[0])  # the stack is learned during the first call
+        compiles = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        decisions = []
+        for threshold in (0.0, 0.05, 0.1, 0.3, 0.1):  # tuned again and again: compiles nothing
+            decisions += _run_against_reference(model, compiled, threshold, steps)
+            assert wavepass.stats(model).reason is None
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == compiles
+    assert any(decisions) and not all(decisions)
+    for x, t in steps[:2]:  # threshold 0 and eager agree
+        with wavepass.cache_settings(residual_diff_threshold=0.0):
+            torch.testing.assert_close(compiled(x, t), model(x, t))
+
+
+def test_item_in_every_block():
+    torch.manual_seed(1)
+    model = BreakingStack([("item",)] * 3)
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    steps = list(_steps(8))
+    with torch.no_grad():
+        compiled(*steps[0])
+        decisions = _run_against_reference(model, compiled, 0.2, steps)
+    assert any(decisions)
+
+
+def test_the_first_call_after_compiling_is_cached_when_a_prologue_frame_comes_first():
+    """A helper frame the skipped forward calls before the blocks (here Dynamo compiles
+    `torch.tanh(self.time(...))`'s frame? no: the MoE model's `_sinusoids`) lets the backend
+    learn the stack before block 0 runs: the very first call counts."""
+    model = moe.build(moe.Config(depth=3))
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    latent, text = moe.inputs(model.config)
+    with torch.no_grad():
+        compiled(latent, text, torch.tensor([900.0]))
+    assert wavepass.stats(model).calls == 1
+
+
+class MoEStages:
+    """The MoE denoiser's forward as the reference cache's stages."""
+
+    def __init__(self, model: moe.MoEDenoiser) -> None:
+        self.model = model
+
+    def stages(self):
+        m = self.model
+
+        def head(latent, text, t):
+            temb = m.time_in(moe._sinusoids(t, 64))
+            img, txt = m.img_in(latent), m.txt_in(text)
+            img1, txt1 = m.blocks[0](img, txt, temb)
+            return img, {"img": img1, "txt": txt1}, temb
+
+        def rest(first, temb):
+            img, txt = first["img"], first["txt"]
+            for block in m.blocks[1:]:
+                img, txt = block(img, txt, temb)
+            return {"img": img, "txt": txt}
+
+        def tail(final, temb):
+            return m.proj_out(m.norm_out(final["img"]))
+
+        return head, rest, tail
+
+
+def test_moe_stack_with_data_dependent_routing():
+    model = moe.build(moe.Config(depth=4, experts=4, top_k=2), seed=3)
+    compiled = torch.compile(model, backend="wavespeed")
+    latent, text = moe.inputs(model.config, tokens=12)
+    stages = MoEStages(model).stages()
+    with torch.no_grad():
+        compiled(latent, text, torch.tensor([1000.0]))
+        for threshold in (0.3, 0.0):
+            wavepass.reset(model)
+            reference = ReferenceFBCache(threshold, main="img")
+            x = latent
+            with wavepass.cache_settings(residual_diff_threshold=threshold):
+                for t in moe.timesteps(20):
+                    tt = torch.full((1,), t * 1000.0)
+                    expected = reference(*stages, x, text, tt)
+                    out = compiled(x, text, tt)
+                    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+                    x = x - expected / 20
+            assert list(wavepass.stats(model).decisions) == reference.decisions
+            assert any(reference.decisions) == (threshold > 0)
+
+
+def test_fullgraph_still_fails_at_the_first_graph_break():
+    model = BreakingStack([(2,), (2,)])
+    compiled = torch.compile(model, backend="wavespeed", fullgraph=True)
+    with torch.no_grad(), pytest.raises(Exception, match="graph_break"):
+        compiled(*next(_steps(1)))
+
+
+class TupleBlock(torch.nn.Module):
+    """Returns a value that continues none of its inputs (a shape no argument has)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(WIDTH, 2 * WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return self.fc(x)
+
+
+class Widening(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([TupleBlock(), torch.nn.Sequential(torch.nn.Linear(2 * WIDTH, WIDTH))])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_blocks_that_do_not_continue_their_inputs_fall_back_and_say_why():
+    model = Widening()
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    x = torch.randn(1, 4, WIDTH)
+    with torch.no_grad(), pytest.warns(wavepass.WavespeedWarning, match="has no argument of its shape"):
+        for _ in range(3):
+            torch.testing.assert_close(compiled(x), model(x))
+    stats = wavepass.stats(model)
+    assert stats.hits == 0 and "has no argument of its shape" in stats.reason
+
+
+def test_another_model_of_the_class_is_cached_too_and_eager_calls_never_skip():
+    """A second checkpoint of the same class shares Dynamo's compiled frames (the backend
+    does not see it): the cache is put around its stack when its blocks first run. The
+    same model called eagerly, outside torch.compile, runs every block."""
+    torch.manual_seed(2)
+    first, second = BreakingStack([(1,)] * 3), BreakingStack([(1,)] * 3)
+    steps = list(_steps(8))
+    with torch.no_grad():
+        for model in (first, second):
+            compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+            compiled(*steps[0])
+            assert any(_run_against_reference(model, compiled, 0.3, steps))
+        wavepass.reset()
+        for x, t in steps:
+            torch.testing.assert_close(first(x, t), ReferenceFBCache(0.0, main="x")(*first.stages(), x, t))
+        assert wavepass.stats(first).calls == 0
+
+
+def test_an_exception_inside_the_stack_leaves_nothing_stale():
+    torch.manual_seed(3)
+    model = BreakingStack([(1,)] * 3)
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    steps = list(_steps(6))
+
+    def fail(module, args):
+        raise RuntimeError("interrupted")
+
+    with torch.no_grad():
+        compiled(*steps[0])
+        reference = ReferenceFBCache(0.3, main="x")
+        _run_against_reference(model, compiled, 0.3, steps[:3], reference)
+        hook = model.blocks[1].register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="interrupted"):
+            compiled(*steps[3])  # fails after block 0 decided
+        hook.remove()
+        reference.reset()
+        with wavepass.cache_settings(residual_diff_threshold=0.3):
+            for x, t in steps[3:]:  # starts clean: no skip before a computed call
+                torch.testing.assert_close(compiled(x, t), reference(*model.stages(), x, t))
+        assert not reference.decisions[0] and any(reference.decisions)
+
+
+@settings(max_examples=25, **SLOW_EXAMPLES)
+@given(
+    blocks=st.lists(st.sets(st.sampled_from([0, 1, 2, "item"])).map(tuple), min_size=2, max_size=5),
+    between=st.sets(st.integers(0, 4)).map(tuple),
+    threshold=st.sampled_from([0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]),
+    size=st.sampled_from([0.0, 0.005, 0.02, 0.1]),
+    count=st.integers(2, 8),
+    seed=st.integers(0, 2**16),
+)
+def test_random_stacks_with_random_graph_breaks_match_the_reference(blocks, between, threshold, size, count, seed):
+    torch._dynamo.reset()
+    notices._warned.clear()
+    torch.manual_seed(seed)
+    model = BreakingStack(blocks, between)
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    steps = list(_steps(count, size, seed))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", wavepass.WavespeedWarning)
+        compiled(*steps[0])
+        _run_against_reference(model, compiled, threshold, steps)
+        assert wavepass.stats(model).reason is None
