@@ -314,3 +314,33 @@ def test_random_stacks_with_random_graph_breaks_match_the_reference(blocks, betw
         compiled(*steps[0])
         _run_against_reference(model, compiled, threshold, steps)
         assert wavepass.stats(model).reason is None
+
+
+def test_diffusers_hidream_takes_the_split_path():
+    """diffusers' HiDream routes its experts with `bincount` and `.cpu().numpy()`: 18 graph
+    breaks. Threshold 0 gives the eager output; a threshold skips, within its hit limit."""
+    from diffusers import HiDreamImageTransformer2DModel
+
+    torch.manual_seed(0)
+    model = HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=2, num_single_layers=3,
+        attention_head_dim=8, num_attention_heads=2, caption_channels=[8, 8], text_emb_dim=8,
+        axes_dims_rope=(4, 2, 2), max_resolution=(8, 8), llama_layers=[0, 1, 2, 3, 3]).eval()
+    x = torch.randn(1, 16, 8, 8)
+    kwargs = dict(encoder_hidden_states_t5=torch.randn(1, 6, 8), pooled_embeds=torch.randn(1, 8),
+                  encoder_hidden_states_llama3=torch.randn(4, 1, 6, 8), return_dict=False)
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    with torch.no_grad():
+        for threshold in (0.0, 0.3):
+            wavepass.reset(model)
+            with wavepass.cache_settings(residual_diff_threshold=threshold, max_consecutive_cache_hits=2):
+                for i in range(6):
+                    t = torch.tensor([1000 - 20 * i])
+                    out, expected = compiled(x, t, **kwargs)[0], model(x, t, **kwargs)[0]
+                    if threshold == 0:
+                        torch.testing.assert_close(out, expected)
+            stats = wavepass.stats(model)
+            assert stats.reason is None and stats.calls == 6
+            assert (stats.hits > 0) == (threshold > 0) and not all(stats.decisions)
+        (program,) = wavepass.runtime.programs_of(model)
+        assert program.blocks == tuple(f"single_stream_blocks.{i}" for i in range(3))
