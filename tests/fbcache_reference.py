@@ -11,6 +11,10 @@ holds the streams the epilogue reads, and `main` names the stream whose first-bl
 (`first_outputs[main] - block_input`) decides. A final stream continues the first output of
 its name, or `bases[name](first_outputs)` where given (e.g. a concatenation of two streams
 that two stacks are joined by). The rule is the one docs/design.md#decisions states.
+
+`policy="taylor"`: a skipped call adds the residuals extrapolated along their change between
+the last two computed calls, `r + (r - r_prev) * n / m` (n calls since the last computed
+call, m calls between the last two computed ones), where two computed calls exist.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import torch
 
 class ReferenceFBCache:
     def __init__(self, threshold: float, max_consecutive_hits: int = -1, warmup_steps: int = 0,
-                 main: str = "img", bases=None):
+                 main: str = "img", bases=None, policy: str = "fbcache"):
         self.threshold = threshold
+        self.policy = policy
         self.bases = dict(bases or {})
         self.max_hits = max_consecutive_hits
         self.warmup = warmup_steps
@@ -31,6 +36,7 @@ class ReferenceFBCache:
     def reset(self) -> None:
         self.signal = None
         self.residuals = None
+        self.history = []  # (call number, residuals) of the computed calls, newest last
         self.calls = 0
         self.hits_in_row = 0
         self.decisions: list[bool] = []
@@ -48,6 +54,13 @@ class ReferenceFBCache:
         change = (signal - self.signal).abs().mean() / self.signal.abs().mean()
         return bool(change < self.threshold)
 
+    def _residuals(self) -> dict:
+        if self.policy != "taylor" or len(self.history) < 2:
+            return self.residuals
+        (before, older), (last, newer) = self.history
+        n, m = self.calls - last, last - before
+        return {name: newer[name] + (newer[name] - older[name]) * (n / m) for name in newer}
+
     def _base(self, name: str, first: dict) -> torch.Tensor:
         return self.bases[name](first) if name in self.bases else first[name]
 
@@ -56,11 +69,12 @@ class ReferenceFBCache:
         signal = first[self.main] - block_input
         skip = self._skip(signal)
         if skip:
-            final = {name: self._base(name, first) + residual for name, residual in self.residuals.items()}
+            final = {name: self._base(name, first) + residual for name, residual in self._residuals().items()}
             self.hits_in_row += 1
         else:
             final = rest(dict(first), aux)
             self.residuals = {name: final[name] - self._base(name, first) for name in final}
+            self.history = (self.history + [(self.calls, self.residuals)])[-2:]
             self.signal = signal
             self.hits_in_row = 0
         self.decisions.append(skip)

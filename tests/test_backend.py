@@ -83,6 +83,22 @@ def test_sampling_matches_reference(name, compiler, request, no_fallback):
     assert 0 < sum(cache.decisions) < STEPS, "the test needs both skipped and computed steps"
 
 
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_taylor_policy_matches_its_reference(name, request, no_fallback):
+    """policy="taylor" (a run-time setting): the same decisions; a skipped step adds the
+    residual extrapolated from the last two computed steps, as the reference computes it,
+    which is not the First Block Cache result."""
+    case = request.getfixturevalue(name)
+    model = compiled(case.model, residual_diff_threshold=case.mixed_threshold, compiler="eager")
+    taylor = ReferenceFBCache(case.mixed_threshold, policy="taylor")
+    with wavepass.cache_settings(policy="taylor"):
+        assert_matches_reference(case, model, taylor, atol=1e-5)
+    plain = ReferenceFBCache(case.mixed_threshold)
+    latent, _ = run_reference(case, plain)
+    assert plain.decisions == taylor.decisions and any(taylor.decisions)
+    assert not torch.allclose(latent, run_reference(case, ReferenceFBCache(case.mixed_threshold, policy="taylor"))[0])
+
+
 def test_controlnet_residuals_between_blocks(flux, no_fallback):
     """FLUX adds ControlNet samples after every block: a skipped step must stay a correct
     program (the samples picked by index move out of the skipped blocks)."""

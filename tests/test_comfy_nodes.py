@@ -209,3 +209,18 @@ def test_hidream_with_compile_model_plus_skips_and_threshold_zero_is_the_model()
     assert stats.reason is None and 0 < stats.hits < STEPS, stats
     assert (cached - reference).abs().mean() < 0.05 * reference.abs().mean()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_policy_input_changes_skipped_steps_only(tiny):
+    """The node's `policy` input: taylor makes the same decisions as fbcache and another
+    latent; switching it compiles nothing."""
+    plain_model = fbcache(tiny.patcher)
+    plain = sample(tiny, plain_model)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    taylor_model = ApplyFirstBlockCache.execute(
+        model=tiny.patcher, object_to_patch="diffusion_model", residual_diff_threshold=THRESHOLD,
+        start=0.0, end=1.0, max_consecutive_cache_hits=-1, policy="taylor").result[0]
+    taylor = sample(tiny, taylor_model)
+    assert decisions(taylor_model) == decisions(plain_model) and any(decisions(plain_model))
+    assert not torch.allclose(taylor, plain)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -9,7 +9,7 @@ above works without `import wavepass`. This module adds the runtime API:
 
     wavepass.reset(model)            start a new generation (forget stored residuals)
     wavepass.stats(model)            Stats(calls, hits, decisions, reason) since the last reset
-    with wavepass.cache_settings(residual_diff_threshold=0.2):
+    with wavepass.cache_settings(residual_diff_threshold=0.2, policy="taylor"):
                                      calls inside decide with these settings (no recompile)
     with wavepass.cache_context(n):  separate cache state per name (e.g. CFG branches)
     with wavepass.skipping(False):   calls inside run every block (start/end windows)
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from .backend import wavespeed
 from .notices import WavespeedWarning
-from .options import CacheOptions, CacheSettings
+from .options import POLICIES, CacheOptions, CacheSettings
 from .runtime import (Stats, cache_context, cache_settings, current_context, reset, same_step, skipping,
                       stats, watch)
 from .torch_api import register_backend
 
 __all__ = [
-    "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
+    "POLICIES", "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
     "current_context", "reset", "same_step", "skipping", "stats", "watch", "wavespeed",
 ]
 __version__ = "0.1.0"

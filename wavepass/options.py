@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 COMPILERS = ("inductor", "eager")
+POLICIES = ("fbcache", "taylor")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -31,11 +32,19 @@ class CacheSettings:
     max_consecutive_cache_hits: at most this many skipped calls in a row; -1 no limit,
         0 never skip.
     warmup_steps: calls after a reset that always run every block.
+    policy: what a skipped call adds to the first block's output (`POLICIES`):
+        "fbcache": the residual the skipped blocks produced at the last computed call
+            (First Block Cache);
+        "taylor": that residual extrapolated to this call along its change between the last
+            two computed calls (first-order TaylorSeer): r + (r - r_prev) * n / m, n calls
+            since the last computed one, m calls between the last two. It keeps one more
+            residual per stream and adds one multiply-add per stream on a skipped call.
     """
 
     residual_diff_threshold: float = 0.12
     max_consecutive_cache_hits: int = -1
     warmup_steps: int = 0
+    policy: str = "fbcache"
 
     def __post_init__(self) -> None:
         threshold = self.residual_diff_threshold
@@ -48,6 +57,8 @@ class CacheSettings:
         _check_int("max_consecutive_cache_hits", self.max_consecutive_cache_hits, -1,
                    "-1 for no limit, 0 to never skip, or n >= 1")
         _check_int("warmup_steps", self.warmup_steps, 0, "an integer >= 0")
+        if self.policy not in POLICIES:
+            raise ValueError(f"wavespeed: policy must be one of {POLICIES}, got {self.policy!r}")
 
     @property
     def may_skip(self) -> bool:

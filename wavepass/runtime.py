@@ -145,9 +145,27 @@ class _State:
     strides: tuple[tuple[int, ...], ...] = ()  # of each stream's result at that call
     calls: int = 0
     hits_in_row: int = 0
+    computed_at: int = 0  # `calls` at the last computed call
+    # ("taylor" policy) the residuals of the computed call before it, and its `calls`
+    previous: tuple[tuple[torch.Tensor, ...], int] | None = None
 
     def clear(self) -> None:
         self.signal, self.residuals, self.strides, self.calls, self.hits_in_row = None, (), (), 0, 0
+        self.computed_at, self.previous = 0, None
+
+    def keep(self, signal: torch.Tensor, residuals: tuple[torch.Tensor, ...], settings: CacheSettings) -> None:
+        """What a computed call leaves for the skipped calls after it."""
+        extrapolates = settings.policy == "taylor" and len(self.residuals) == len(residuals)
+        self.previous = (self.residuals, self.computed_at) if extrapolates else None
+        self.signal, self.residuals, self.computed_at = signal, residuals, self.calls
+
+    def residuals_now(self, settings: CacheSettings) -> tuple[torch.Tensor, ...]:
+        """The residuals a skipped call adds, by `settings.policy` (see `CacheSettings`)."""
+        if settings.policy != "taylor" or self.previous is None:
+            return self.residuals
+        previous, at = self.previous
+        factor = (self.calls - self.computed_at) / (self.computed_at - at)
+        return tuple(torch.add(r, r - p, alpha=factor) for r, p in zip(self.residuals, previous))
 
 
 @dataclass(frozen=True)
@@ -316,7 +334,8 @@ class CachedProgram(_Deciding):
                 values[slot] = value
             skip = self._decide(state, outputs[-1], settings)
             if skip:
-                for (sources, dim, result), residual, stride in zip(w.streams, state.residuals, state.strides):
+                residuals = state.residuals_now(settings)
+                for (sources, dim, result), residual, stride in zip(w.streams, residuals, state.strides):
                     source = values[sources[0]] if dim is None else torch.cat([values[i] for i in sources], dim)
                     values[result] = _add_strided(source, residual, stride)
             else:
@@ -324,8 +343,8 @@ class CachedProgram(_Deciding):
                 for slot, value in zip(w.rest_out, outputs_rest):
                     values[slot] = value
                 if settings.may_skip:
-                    state.signal = self._kept(outputs[-1])
-                    state.residuals = tuple(map(self._kept, outputs_rest[len(w.rest_out):]))
+                    state.keep(self._kept(outputs[-1]), tuple(map(self._kept, outputs_rest[len(w.rest_out):])),
+                               settings)
                     state.strides = tuple(values[result].stride() for *_, result in w.streams)
             _check_layouts(values, w.layouts)
             result = self._tail(*self._tail_args(values))

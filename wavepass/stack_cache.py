@@ -179,7 +179,7 @@ class StackCache(_Deciding):
             if not all(map(_alike, values, state.residuals)):
                 self._turn_off(f"the arguments of {self.blocks[-1]} changed shape within a generation")
                 raise RuntimeError(f"wavespeed: {self.reason}; run the model again")
-            values = [value + residual for value, residual in zip(values, state.residuals)]
+            values = [value + residual for value, residual in zip(values, state.residuals_now(call.settings))]
             state.call = None
             self._count(True)
         return rebuild(values)
@@ -197,8 +197,8 @@ class StackCache(_Deciding):
                     main = max(range(len(leaves)), key=lambda k: leaves[k].numel())
                     signal = leaves[main] - run.inputs[pairing[main]]
                 elif last:
-                    state.residuals = _residuals(leaves, pairing, state.call.base, self.blocks)
-                    state.signal = state.call.signal
+                    residuals = _residuals(leaves, pairing, state.call.base, self.blocks)
+                    state.keep(state.call.signal, residuals, settings)
         except Unpairable as exc:
             self._turn_off(str(exc))
             return outputs

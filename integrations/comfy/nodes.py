@@ -18,6 +18,8 @@ import json
 
 from comfy_api.latest import io
 
+from wavepass import POLICIES
+
 from .sampling import install, settings_of
 
 CATEGORY = "wavespeed"
@@ -81,12 +83,20 @@ class ApplyFirstBlockCache(io.ComfyNode):
                     "max_consecutive_cache_hits", default=-1, min=-1, max=100,
                     tooltip="At most this many skipped steps in a row; -1 no limit, 0 never skip.",
                 ),
+                io.Combo.Input(
+                    "policy", options=list(POLICIES), default="fbcache", optional=True,
+                    tooltip="What a skipped step adds to the first block's output. fbcache: the "
+                            "residual of the last computed step (First Block Cache). taylor: "
+                            "that residual extrapolated along its change between the last two "
+                            "computed steps (TaylorSeer, first order; one more residual in "
+                            "memory). Changing it recompiles nothing.",
+                ),
             ],
         )
 
     @classmethod
     def execute(cls, model, object_to_patch, residual_diff_threshold, start, end,
-                max_consecutive_cache_hits) -> io.NodeOutput:
+                max_consecutive_cache_hits, policy="fbcache") -> io.NodeOutput:
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"Apply First Block Cache: need 0 <= start <= end <= 1, got "
                              f"start={start}, end={end}")
@@ -95,6 +105,7 @@ class ApplyFirstBlockCache(io.ComfyNode):
             "residual_diff_threshold": float(residual_diff_threshold),
             "start": float(start), "end": float(end),
             "max_consecutive_cache_hits": int(max_consecutive_cache_hits),
+            "policy": str(policy),
         })
 
 

@@ -97,7 +97,8 @@ def cache_settings(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The run-time cache settings (`wavepass.cache_settings`) of the Apply First Block Cache
     node; without it nothing is skipped (threshold 0)."""
     cache = settings.get("cache", {"residual_diff_threshold": 0.0, "max_consecutive_cache_hits": -1})
-    return {name: cache[name] for name in ("residual_diff_threshold", "max_consecutive_cache_hits")}
+    names = ("residual_diff_threshold", "max_consecutive_cache_hits", "policy")
+    return {name: cache[name] for name in names if name in cache}
 
 
 def _skip_transformer_options_guards(guard_entries) -> list[bool]:

@@ -84,7 +84,8 @@ class WavespeedHandle:
         self._removed = False
 
     def configure(self, residual_diff_threshold: float | None = None, start: float | None = None,
-                  end: float | None = None, max_consecutive_cache_hits: int | None = None) -> None:
+                  end: float | None = None, max_consecutive_cache_hits: int | None = None,
+                  policy: str | None = None) -> None:
         """Change the cache settings (None keeps one as it is); the next call uses them and
         nothing is compiled. Invalid values raise ValueError and change nothing."""
         start = self.start if start is None else start
@@ -96,7 +97,7 @@ class WavespeedHandle:
                 f"0 <= start < end <= 1 (e.g. start=0.0, end=1.0), got start={start!r}, end={end!r}"
             )
         given = {"residual_diff_threshold": residual_diff_threshold,
-                 "max_consecutive_cache_hits": max_consecutive_cache_hits}
+                 "max_consecutive_cache_hits": max_consecutive_cache_hits, "policy": policy}
         settings = {**self.settings, **{k: v for k, v in given.items() if v is not None}}
         with wavepass.cache_settings(**settings):  # validates them
             pass
@@ -150,12 +151,12 @@ class WavespeedHandle:
 
 def apply_wavespeed(pipe: Any, residual_diff_threshold: float = 0.12, start: float = 0.0, end: float = 1.0,
                     max_consecutive_cache_hits: int = -1, compile: bool = True, mode: str | None = None,
-                    dynamic: bool | None = None) -> WavespeedHandle:
+                    dynamic: bool | None = None, policy: str = "fbcache") -> WavespeedHandle:
     """Compile `pipe`'s denoiser with the `wavespeed` backend, in place; returns a handle whose
     `remove()` undoes it (as does `remove_wavespeed(pipe)`).
 
-    residual_diff_threshold, max_consecutive_cache_hits: the cache settings (see README),
-        run-time values: `handle.configure(...)` changes them without compiling.
+    residual_diff_threshold, max_consecutive_cache_hits, policy: the cache settings (see
+        README), run-time values: `handle.configure(...)` changes them without compiling.
     start, end: caching is allowed for steps i of N with start <= i/N < end (0 <= start < end <= 1);
         the other steps run every block.
     compile: True compiles every piece with Inductor; False runs the same cached program
@@ -173,7 +174,7 @@ def apply_wavespeed(pipe: Any, residual_diff_threshold: float = 0.12, start: flo
     name, denoiser = _denoiser_of(pipe)
     handle = WavespeedHandle(pipe, denoiser, name)
     handle.configure(residual_diff_threshold=residual_diff_threshold, start=start, end=end,
-                     max_consecutive_cache_hits=max_consecutive_cache_hits)
+                     max_consecutive_cache_hits=max_consecutive_cache_hits, policy=policy)
     options = {"compiler": "inductor" if compile else "eager"}
     if mode is not None:
         options["mode"] = mode
