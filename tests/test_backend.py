@@ -60,11 +60,12 @@ def sdxl_unet():
 
 
 @pytest.mark.parametrize("name", ["flux", "sd3", "sdxl_unet"])
-def test_threshold_zero_equals_plain_inductor(name, request, no_fallback):
+def test_threshold_zero_equals_the_model_under_inductor(name, request, no_fallback):
+    """Inductor compiles every piece; at threshold 0 the outputs are the model's, to
+    Inductor's rounding (compared with eager: a plain Inductor compile of the same model,
+    cold in CI, would double the test's time for the same check)."""
     case = request.getfixturevalue(name)
-    plain = torch.compile(case.model, backend="inductor")
-    plain_latent, plain_outputs = run_backend(case, plain, steps=3)
-    torch._dynamo.reset()
+    plain_latent, plain_outputs = run_backend(case, case.model, steps=3)
     latent, outputs = run_backend(case, compiled(case.model, residual_diff_threshold=0.0), steps=3)
     for out, ref in zip(outputs, plain_outputs):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

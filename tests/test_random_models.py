@@ -554,7 +554,7 @@ def with_fixed_shapes(test):
     return test
 
 
-@settings(max_examples=40, **SLOW_EXAMPLES)
+@settings(max_examples=20, **SLOW_EXAMPLES)
 @given(scenario=scenarios)
 @with_fixed_shapes
 def test_random_models_match_reference(scenario: Scenario, no_fallback) -> None:

@@ -293,7 +293,7 @@ def test_an_exception_inside_the_stack_leaves_nothing_stale():
         assert not reference.decisions[0] and any(reference.decisions)
 
 
-@settings(max_examples=25, **SLOW_EXAMPLES)
+@settings(max_examples=12, **SLOW_EXAMPLES)
 @given(
     blocks=st.lists(st.sets(st.sampled_from([0, 1, 2, "item"])).map(tuple), min_size=2, max_size=5),
     between=st.sets(st.integers(0, 4)).map(tuple),
