@@ -53,6 +53,7 @@ import wavepass  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
 import digits  # noqa: E402
+import plots  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLD_PROBE_THRESHOLD = 0.12  # a compiled family's cold compile is measured once, at this threshold
@@ -148,9 +149,15 @@ def inductor(model, threshold, steps):
     return Runner(torch.compile(model, backend="inductor"))
 
 
-def wavespeed(model, threshold, steps):
-    compiled = torch.compile(model, backend="wavespeed", options={"residual_diff_threshold": threshold})
-    return Runner(compiled, lambda: wavepass.reset(compiled), lambda: wavepass.stats(compiled).hits)
+def wavespeed(policy):
+    """The wavespeed backend with a cache `policy` (wavepass.POLICIES)."""
+
+    def setup(model, threshold, steps):
+        compiled = torch.compile(model, backend="wavespeed",
+                                 options={"residual_diff_threshold": threshold, "policy": policy})
+        return Runner(compiled, lambda: wavepass.reset(compiled), lambda: wavepass.stats(compiled).hits)
+
+    return setup
 
 
 def diffusers_fbc(compiled):
@@ -180,19 +187,21 @@ def diffusers_fbc(compiled):
     return setup
 
 
-def cache_dit(compiled):
+def cache_dit(compiled, taylorseer=False):
     """cache-dit DBCache with one front block and no back blocks (First Block Cache) on the
-    transformer alone; `refresh_context` starts each image, `summary` gives the cached steps."""
+    transformer alone, with its first-order TaylorSeer calibrator where `taylorseer`;
+    `refresh_context` starts each image, `summary` gives the cached steps."""
 
     def setup(model, threshold, steps):
         import cache_dit
-        from cache_dit import DBCacheConfig
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
         def config():
             return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
                                  max_warmup_steps=0, num_inference_steps=steps)
 
-        cache_dit.enable_cache(model, cache_config=config())
+        calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
+        cache_dit.enable_cache(model, cache_config=config(), calibrator_config=calibrator)
         fn = torch.compile(model) if compiled else model
         return Runner(fn, lambda: cache_dit.refresh_context(model, cache_config=config()),
                       lambda: len(cache_dit.summary(model, logging=False)[0].cached_steps))
@@ -273,7 +282,8 @@ def _recording(fn, decisions):
 def configurations(thresholds, families=None):
     """Every configuration, eager first (the baseline), cache-dit last (it patches on import)."""
     cached = [
-        ("wavespeed", wavespeed, True, ""),
+        ("wavespeed", wavespeed("fbcache"), True, ""),
+        ("wavespeed-taylor", wavespeed("taylor"), True, "policy='taylor'"),
         ("diffusers-fbc", diffusers_fbc(False), False, ""),
         ("diffusers-fbc+compile", diffusers_fbc(True), True, ""),
         ("para-attn", para_attn(False, False), False, "para-attn's own FLUX adapter"),
@@ -281,6 +291,7 @@ def configurations(thresholds, families=None):
         ("para-attn-adapter+compile", para_attn(True, True), True, "para-attn cache via our adapter"),
         ("cache-dit", cache_dit(False), False, ""),
         ("cache-dit+compile", cache_dit(True), True, ""),
+        ("cache-dit-taylorseer+compile", cache_dit(True, taylorseer=True), True, "TaylorSeer order 1"),
     ]
     configs = [Config("eager", "eager", eager), Config("inductor", "inductor", inductor, compiled=True)]
     for family, setup, compiled, note in cached:
@@ -500,13 +511,8 @@ def include_in_docs(table: Path) -> None:
 
 def write_plot(path, record):
     """Speed-up against quality: classifier accuracy (digits), PSNR vs eager (medium)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(record["workloads"])
-    fig, axes = plt.subplots(1, len(names), figsize=(6.5 * len(names), 4.8), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plots.panels(list(record["workloads"]))
+    for ax, name in axes:
         rows = [r for r in record["workloads"][name]["rows"] if not r["error"]]
         metric = "accuracy" if name == "digits" else "psnr_db"
         families = sorted({r["family"] for r in rows}, key=[r["family"] for r in rows].index)
@@ -518,14 +524,10 @@ def write_plot(path, record):
             for x, y, t in points:
                 if t is not None:
                     ax.annotate(f"{t:g}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("speed-up over eager (median time per image)")
-        ax.set_ylabel("classifier accuracy" if metric == "accuracy" else "PSNR vs eager (dB; exact = 100)")
-        ax.set_title(f"{name} ({record['device']})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        plots.label(ax, "speed-up over eager (median time per image)",
+                    "classifier accuracy" if metric == "accuracy" else "PSNR vs eager (dB; exact = 100)",
+                    f"{name} ({record['device']})")
+    plots.save(fig, path)
 
 
 def write_digits_grid(path, results, workload):
