@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 
 import models
 import wavepass
@@ -124,13 +125,18 @@ def test_identical_blocks_compile_once(deep, caplog, monkeypatch, no_fallback):
     assert f"{outlined} block(s) as calls of {block_graphs} compiled block graph(s)" in caplog.text
 
 
-def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
+def test_a_new_process_finds_every_piece_in_the_cache(no_fallback, tmp_path):
     """A warm start: after this process compiled the model, a new process (same Inductor
     cache folder) loads head, tail and both block graphs from AOTAutograd's on-disk cache
     instead of tracing them again (`rest`, which only calls blocks, runs as Python), and
     finds every C++ library built: it runs no compiler. The cache keys hold block structures and the names pieces call block graphs by,
     which must not name anything by memory address. The block graphs run as Inductor's
     compiled modules, without AOTAutograd's wrappers, in the new process too."""
+    with temporary_cache_dir(str(tmp_path)):  # its own folder: the other test worker builds too
+        check_a_new_process_finds_every_piece(tmp_path)
+
+
+def check_a_new_process_finds_every_piece(folder) -> None:
     case = deep_case("flux")
     call(case, torch.compile(case.model, backend="wavespeed", options={"residual_diff_threshold": 0.0}))
     libraries = built_libraries()
@@ -147,7 +153,9 @@ def test_a_new_process_finds_every_piece_in_the_cache(no_fallback):
         "print(json.dumps([dict(counters['aot_autograd']), runs, dict(counters['wavepass'])]))\n"
     )
     tests = os.path.dirname(__file__)
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, tests], capture_output=True, text=True, check=True)
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(folder))
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, tests], capture_output=True, text=True,
+                          check=True, env=env)
     aot, runs, wavepass_counts = json.loads(done.stdout.strip().splitlines()[-1])
     assert wavepass_counts["pieces"] == 3 and wavepass_counts["python_pieces"] == 1  # `rest` only calls blocks
     head_tail_and_block_graphs = 2 + DEEP["flux"][4]
