@@ -113,7 +113,7 @@ class StackCache(_Deciding):
                             f"at the module level (the stack does not fit in one graph)")
         self._states: dict[str, _StackState] = {}
         self._options: tuple[Any, CacheSettings] | None = None  # (options dict, its settings)
-        self._parameter_ids: frozenset[int] = frozenset()
+        self._parameter_ids: tuple[int, ...] = ()
         # the cache's own code runs as Python, never traced (disabled here, not where the
         # methods are defined: `import wavepass` imports no private torch module)
         self._before, self._after, self._abort = map(torch.compiler.disable, (self._before, self._after, self._abort))
@@ -150,18 +150,17 @@ class StackCache(_Deciding):
         """Before block `index` runs: `_PASS` (run it, the cache is not involved), a `_Run`
         (run it, then `_after`), or the outputs it returns without running. `callback`:
         Dynamo's frame callback where the block was called (this function runs without one)."""
-        settings = self._running_settings(callback)
-        if settings is None or self.reason is not None:
+        if self.reason is not None or not self._wavespeed_runs(callback):
             return _PASS
         state = self._states.setdefault(_context.get(), _StackState())
-        inputs, _ = _flatten((args, kwargs))
         if index == 0:
             _ran.calls = getattr(_ran, "calls", 0) + 1
+            inputs, _ = _flatten((args, kwargs))
             signature = self._signature(inputs)
             if signature != state.signature or state.call is not None:  # or the last call failed
                 state.clear()
                 state.signature = signature
-            return _Run(state, index, inputs, settings)
+            return _Run(state, index, inputs, self.settings())
         call, last = state.call, index == len(self._blocks) - 1
         if call is None or call.next != index:  # this model call did not start at block 0
             state.call = None
@@ -169,8 +168,11 @@ class StackCache(_Deciding):
                 self._count(False)
             return _PASS
         call.next += 1
+        if not call.settings.may_skip:  # nothing to keep: the block runs as written, the last counted
+            return _Run(state, index, [], call.settings) if last else _PASS
+        inputs, _ = _flatten((args, kwargs))
         if not call.skip:
-            if call.settings.may_skip and index == 1:  # before the block can write into them
+            if index == 1:  # before the block can write into them
                 call.base = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
             return _Run(state, index, inputs, call.settings)
         rebuild, pairing = state.pairings[index]
@@ -188,6 +190,7 @@ class StackCache(_Deciding):
         """After block `run.index` ran: decide (block 0), or keep what the cache needs."""
         state, index, settings = run.state, run.index, run.settings
         last = index == len(self._blocks) - 1
+        signal = None
         try:
             if settings.may_skip:
                 leaves, rebuild = _flatten(outputs)
@@ -203,8 +206,7 @@ class StackCache(_Deciding):
             self._turn_off(str(exc))
             return outputs
         if index == 0:
-            state.call = _Call(self._decide(state, signal if settings.may_skip else None, settings), settings,
-                               signal if settings.may_skip else None)
+            state.call = _Call(self._decide(state, signal, settings), settings, signal)
         elif last:
             state.call = None
             self._count(False)
@@ -216,27 +218,28 @@ class StackCache(_Deciding):
         if state is not None:
             state.clear()
 
-    def _running_settings(self, callback: Any) -> CacheSettings | None:
-        """The settings of the wavespeed compile whose frame `callback` is (None: none)."""
+    def _wavespeed_runs(self, callback: Any) -> bool:
+        """Whether `callback` is the frame callback of a wavespeed compile; if so, its
+        `options=` become the defaults `settings()` reads."""
         running = torch_api.backend_of(callback)
         if running is None or running[0] is not self._backend:
-            return None
+            return False
         options = running[1].get("options")
         if self._options is None or self._options[0] is not options:
             self._options = (options, CacheOptions.from_dict(options).settings)
         self._defaults = self._options[1]
-        return self.settings()
+        return True
 
     def _signature(self, inputs: Sequence[Any]) -> tuple:
         # each parameter slot read anew (a LoRA may replace a parameter), without walking
         # the module tree every call
         parameters = tuple(p for slots, name in self._parameter_slots if (p := slots.get(name)) is not None)
-        ids = frozenset(map(id, parameters))
+        ids = tuple(map(id, parameters))
         if ids != self._parameter_ids:
             self._parameter_ids = ids
             self._owner = tuple(map(weakref.ref, parameters))
         shapes = tuple((x.shape, x.dtype, x.device) if isinstance(x, torch.Tensor) else None for x in inputs)
-        return shapes, tuple(map(id, parameters)), _versions(parameters)
+        return shapes, ids, _versions(parameters)
 
     def _turn_off(self, why: str) -> None:
         module = self._module()
