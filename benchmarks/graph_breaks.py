@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import statistics
 import sys
@@ -36,15 +35,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import demo  # noqa: E402
 import moe  # noqa: E402
 
 import wavepass  # noqa: E402
-
-
-def psnr(value: torch.Tensor, reference: torch.Tensor) -> float:
-    mse = torch.mean((value.double() - reference.double()) ** 2).item()
-    peak = reference.abs().max().item()
-    return math.inf if mse == 0 else 10 * math.log10(peak * peak / mse)
 
 
 def main() -> None:
@@ -105,7 +99,7 @@ def main() -> None:
             "speedup_vs_inductor": inductor_s / median,
             "skipped": s.hits if s else 0,
             "decisions": "".join("X" if d else "." for d in s.decisions) if s else None,
-            "psnr_db_vs_eager": psnr(outputs[name], outputs["eager"]),
+            "psnr_db_vs_eager": demo.accuracy(outputs[name], outputs["eager"])[1],
         })
     result = {
         "what": "MoE denoiser (a graph break in every block), one process, medians of interleaved rounds",
