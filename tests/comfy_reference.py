@@ -22,9 +22,10 @@ from comfy.ldm.modules.diffusionmodules.util import timestep_embedding as unet_t
 from fbcache_reference import ReferenceFBCache
 
 
-def flux_cache(threshold: float) -> ReferenceFBCache:
+def flux_cache(threshold: float, policy: str = "fbcache") -> ReferenceFBCache:
     """Flux's dual blocks carry `img` and `txt`; its single blocks continue cat(txt, img)."""
-    return ReferenceFBCache(threshold, main="img", bases={"h": lambda f: torch.cat((f["txt"], f["img"]), 1)})
+    return ReferenceFBCache(threshold, main="img", bases={"h": lambda f: torch.cat((f["txt"], f["img"]), 1)},
+                            policy=policy)
 
 
 def unet_cache(threshold: float) -> ReferenceFBCache:

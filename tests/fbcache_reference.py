@@ -15,6 +15,10 @@ that two stacks are joined by). The rule is the one docs/design.md#decisions sta
 `policy="taylor"`: a skipped call adds the residuals extrapolated along their change between
 the last two computed calls, `r + (r - r_prev) * n / m` (n calls since the last computed
 call, m calls between the last two computed ones), where two computed calls exist.
+
+`policy="predictive"`: the same residuals as taylor, and the decision compares the first-block
+residual with the first-block residual extrapolated the same way (where two computed calls
+exist), instead of with the last computed one.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class ReferenceFBCache:
     def reset(self) -> None:
         self.signal = None
         self.residuals = None
-        self.history = []  # (call number, residuals) of the computed calls, newest last
+        self.history = []  # (call number, residuals, signal) of the last two computed calls, newest last
         self.calls = 0
         self.hits_in_row = 0
         self.decisions: list[bool] = []
@@ -51,15 +55,22 @@ class ReferenceFBCache:
             or 0 < self.max_hits <= self.hits_in_row
         ):
             return False
-        change = (signal - self.signal).abs().mean() / self.signal.abs().mean()
+        expected = self.signal
+        if self.policy == "predictive" and len(self.history) == 2:
+            expected = self._extrapolate(self.history[0][2], self.history[1][2])
+        change = (signal - expected).abs().mean() / expected.abs().mean()
         return bool(change < self.threshold)
 
+    def _extrapolate(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
+        """`newer` (last computed call) carried on to this call along its change since `older`."""
+        (before, *_), (last, *_) = self.history
+        return newer + (newer - older) * ((self.calls - last) / (last - before))
+
     def _residuals(self) -> dict:
-        if self.policy != "taylor" or len(self.history) < 2:
+        if self.policy not in ("taylor", "predictive") or len(self.history) < 2:
             return self.residuals
-        (before, older), (last, newer) = self.history
-        n, m = self.calls - last, last - before
-        return {name: newer[name] + (newer[name] - older[name]) * (n / m) for name in newer}
+        older, newer = self.history[0][1], self.history[1][1]
+        return {name: self._extrapolate(older[name], newer[name]) for name in newer}
 
     def _base(self, name: str, first: dict) -> torch.Tensor:
         return self.bases[name](first) if name in self.bases else first[name]
@@ -74,7 +85,7 @@ class ReferenceFBCache:
         else:
             final = rest(dict(first), aux)
             self.residuals = {name: final[name] - self._base(name, first) for name in final}
-            self.history = (self.history + [(self.calls, self.residuals)])[-2:]
+            self.history = (self.history + [(self.calls, self.residuals, signal)])[-2:]
             self.signal = signal
             self.hits_in_row = 0
         self.decisions.append(skip)

@@ -84,20 +84,23 @@ def test_sampling_matches_reference(name, compiler, request, no_fallback):
     assert 0 < sum(cache.decisions) < STEPS, "the test needs both skipped and computed steps"
 
 
+@pytest.mark.parametrize("policy", ["taylor", "predictive"])
 @pytest.mark.parametrize("name", ["flux", "sd3"])
-def test_taylor_policy_matches_its_reference(name, request, no_fallback):
-    """policy="taylor" (a run-time setting): the same decisions; a skipped step adds the
-    residual extrapolated from the last two computed steps, as the reference computes it,
-    which is not the First Block Cache result."""
+def test_extrapolating_policies_match_their_reference(name, policy, request, no_fallback):
+    """The policies are run-time settings. taylor: the same decisions as First Block Cache; a
+    skipped step adds the residual extrapolated from the last two computed steps, as the
+    reference computes it, which is not the First Block Cache result. predictive: those
+    residuals, and decisions against the extrapolated first-block residual (other decisions)."""
     case = request.getfixturevalue(name)
     model = compiled(case.model, residual_diff_threshold=case.mixed_threshold, compiler="eager")
-    taylor = ReferenceFBCache(case.mixed_threshold, policy="taylor")
-    with wavepass.cache_settings(policy="taylor"):
-        assert_matches_reference(case, model, taylor, atol=1e-5)
+    reference = ReferenceFBCache(case.mixed_threshold, policy=policy)
+    with wavepass.cache_settings(policy=policy):
+        assert_matches_reference(case, model, reference, atol=1e-5)
     plain = ReferenceFBCache(case.mixed_threshold)
     latent, _ = run_reference(case, plain)
-    assert plain.decisions == taylor.decisions and any(taylor.decisions)
-    assert not torch.allclose(latent, run_reference(case, ReferenceFBCache(case.mixed_threshold, policy="taylor"))[0])
+    assert any(plain.decisions) and (any(reference.decisions) or name == "sd3")  # sd3: predictive never skips
+    assert (plain.decisions == reference.decisions) == (policy == "taylor")
+    assert not torch.allclose(latent, run_reference(case, ReferenceFBCache(case.mixed_threshold, policy=policy))[0])
 
 
 def test_controlnet_residuals_between_blocks(flux, no_fallback):

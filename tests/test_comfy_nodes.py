@@ -21,6 +21,7 @@ nodes = comfy_support.require_nodes()
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 import comfy_models  # noqa: E402
+import comfy_reference  # noqa: E402
 import folder_paths  # noqa: E402
 from wavepass_comfy.nodes import ApplyFirstBlockCache, CompileModelPlus  # noqa: E402
 
@@ -28,6 +29,7 @@ import wavepass  # noqa: E402
 
 STEPS = 8
 THRESHOLD = 0.3  # skips 4-6 of 8 steps of this tiny Flux
+PREDICTIVE_THRESHOLD = 0.08  # where policy="predictive" decides otherwise than fbcache on it
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +37,10 @@ def tiny():
     return comfy_models.build("flux")
 
 
-def fbcache(model, threshold=THRESHOLD, start=0.0, end=1.0, max_hits=-1):
+def fbcache(model, threshold=THRESHOLD, start=0.0, end=1.0, max_hits=-1, policy="fbcache"):
     return ApplyFirstBlockCache.execute(
         model=model, object_to_patch="diffusion_model", residual_diff_threshold=threshold,
-        start=start, end=end, max_consecutive_cache_hits=max_hits,
+        start=start, end=end, max_consecutive_cache_hits=max_hits, policy=policy,
     ).result[0]
 
 
@@ -213,14 +215,21 @@ def test_hidream_with_compile_model_plus_skips_and_threshold_zero_is_the_model()
 
 def test_policy_input_changes_skipped_steps_only(tiny):
     """The node's `policy` input: taylor makes the same decisions as fbcache and another
-    latent; switching it compiles nothing."""
+    latent; predictive makes other decisions, those of the reference; switching it compiles
+    nothing."""
     plain_model = fbcache(tiny.patcher)
     plain = sample(tiny, plain_model)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    taylor_model = ApplyFirstBlockCache.execute(
-        model=tiny.patcher, object_to_patch="diffusion_model", residual_diff_threshold=THRESHOLD,
-        start=0.0, end=1.0, max_consecutive_cache_hits=-1, policy="taylor").result[0]
+    taylor_model = fbcache(tiny.patcher, policy="taylor")
     taylor = sample(tiny, taylor_model)
     assert decisions(taylor_model) == decisions(plain_model) and any(decisions(plain_model))
     assert not torch.allclose(taylor, plain)
+    references = {policy: comfy_reference.flux_cache(PREDICTIVE_THRESHOLD, policy) for policy in ("fbcache", "predictive")}
+    for reference in references.values():
+        with comfy_reference.installed("flux", tiny.diffusion_model, reference):
+            expected = sample(tiny, tiny.patcher)
+    predictive_model = fbcache(tiny.patcher, threshold=PREDICTIVE_THRESHOLD, policy="predictive")
+    torch.testing.assert_close(sample(tiny, predictive_model), expected)
+    assert decisions(predictive_model) == tuple(references["predictive"].decisions)
+    assert references["predictive"].decisions != references["fbcache"].decisions
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

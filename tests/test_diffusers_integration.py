@@ -259,7 +259,7 @@ def test_window_with_a_scheduler_without_step_index(no_fallback):
 def test_policy_is_a_run_time_setting(no_fallback):
     """apply_wavespeed(policy="taylor"): the same decisions as First Block Cache, another
     result on skipped steps (the residual extrapolated); configure() switches it back and
-    forth without compiling."""
+    forth, and to predictive (other decisions), without compiling."""
     pipe, kwargs = flux_pipe()
     handle = apply_wavespeed(pipe, residual_diff_threshold=MIXED["flux"], compile=False, policy="taylor")
     taylor, taylor_decisions = run(pipe, kwargs, steps=10), decisions(pipe)
@@ -270,6 +270,9 @@ def test_policy_is_a_run_time_setting(no_fallback):
     assert torch.equal(run(pipe, kwargs, steps=10), taylor)
     assert taylor_decisions == plain_decisions and "X" in plain_decisions.lstrip(".")[2:]
     assert not torch.allclose(taylor, plain)
+    handle.configure(policy="predictive")
+    run(pipe, kwargs, steps=10)
+    assert decisions(pipe) != plain_decisions
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     with pytest.raises(ValueError, match="policy must be one of"):
         handle.configure(policy="magic")

@@ -346,14 +346,15 @@ def test_diffusers_hidream_takes_the_split_path():
         assert program.blocks == tuple(f"single_stream_blocks.{i}" for i in range(3))
 
 
+@pytest.mark.parametrize("policy", ["taylor", "predictive"])
 @pytest.mark.parametrize("threshold", [0.1, 0.3])
-def test_taylor_policy_matches_its_reference_on_the_split_path(threshold):
+def test_extrapolating_policies_match_their_reference_on_the_split_path(threshold, policy):
     torch.manual_seed(4)
     model = BreakingStack([(1,)] * 4)
-    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager", "policy": "taylor"})
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager", "policy": policy})
     steps = list(_steps(12))
     with torch.no_grad():
         compiled(*steps[0])
-        reference = ReferenceFBCache(threshold, main="x", policy="taylor")
+        reference = ReferenceFBCache(threshold, main="x", policy=policy)
         decisions = _run_against_reference(model, compiled, threshold, steps, reference)
     assert any(decisions)

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 COMPILERS = ("inductor", "eager")
-POLICIES = ("fbcache", "taylor")
+POLICIES = ("fbcache", "taylor", "predictive")
+EXTRAPOLATING = ("taylor", "predictive")  # the policies whose skipped calls extrapolate
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -28,7 +29,7 @@ class CacheSettings:
 
     residual_diff_threshold: skip the remaining blocks when the first block's residual moved
         less than this (relative mean absolute difference) since the last fully computed
-        call. 0 never skips.
+        call ("predictive": from its extrapolation). 0 never skips.
     max_consecutive_cache_hits: at most this many skipped calls in a row; -1 no limit,
         0 never skip.
     warmup_steps: calls after a reset that always run every block.
@@ -39,6 +40,13 @@ class CacheSettings:
             two computed calls (first-order TaylorSeer): r + (r - r_prev) * n / m, n calls
             since the last computed one, m calls between the last two. It keeps one more
             residual per stream and adds one multiply-add per stream on a skipped call.
+        "predictive": taylor's residuals, and the decision compares the first block's
+            residual with that residual extrapolated the same way, s + (s - s_prev) * n / m,
+            instead of with s: a call is skipped while the model moves as the last two
+            computed calls predict, which is when the extrapolated residuals are right. One
+            more first-block residual in memory and one multiply-add per call. Its thresholds
+            sit lower than fbcache's for the same quality (docs/performance.md).
+        Both extrapolating policies fall back to fbcache's rule until two calls were computed.
     """
 
     residual_diff_threshold: float = 0.12

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from .notices import warn_once
-from .options import CacheSettings
+from .options import EXTRAPOLATING, CacheSettings
 
 DEFAULT_CONTEXT = "default"
 _DECISIONS_KEPT = 10_000
@@ -146,8 +146,8 @@ class _State:
     calls: int = 0
     hits_in_row: int = 0
     computed_at: int = 0  # `calls` at the last computed call
-    # ("taylor" policy) the residuals of the computed call before it, and its `calls`
-    previous: tuple[tuple[torch.Tensor, ...], int] | None = None
+    # (extrapolating policies) the signal and residuals of the computed call before it, and its `calls`
+    previous: tuple[torch.Tensor, tuple[torch.Tensor, ...], int] | None = None
 
     def clear(self) -> None:
         self.signal, self.residuals, self.strides, self.calls, self.hits_in_row = None, (), (), 0, 0
@@ -155,17 +155,27 @@ class _State:
 
     def keep(self, signal: torch.Tensor, residuals: tuple[torch.Tensor, ...], settings: CacheSettings) -> None:
         """What a computed call leaves for the skipped calls after it."""
-        extrapolates = settings.policy == "taylor" and len(self.residuals) == len(residuals)
-        self.previous = (self.residuals, self.computed_at) if extrapolates else None
+        extrapolates = settings.policy in EXTRAPOLATING and len(self.residuals) == len(residuals)
+        self.previous = (self.signal, self.residuals, self.computed_at) if extrapolates else None
         self.signal, self.residuals, self.computed_at = signal, residuals, self.calls
+
+    def _extrapolated(self, now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """`now` (kept at the last computed call) carried to this call along its change since
+        `before` (kept at the computed call before it): now + (now - before) * n / m."""
+        factor = (self.calls - self.computed_at) / (self.computed_at - self.previous[2])
+        return torch.add(now, now - before, alpha=factor)
+
+    def signal_now(self, settings: CacheSettings) -> torch.Tensor:
+        """What this call's first-block residual is compared with, by `settings.policy`."""
+        if settings.policy != "predictive" or self.previous is None:
+            return self.signal
+        return self._extrapolated(self.signal, self.previous[0])
 
     def residuals_now(self, settings: CacheSettings) -> tuple[torch.Tensor, ...]:
         """The residuals a skipped call adds, by `settings.policy` (see `CacheSettings`)."""
-        if settings.policy != "taylor" or self.previous is None:
+        if settings.policy not in EXTRAPOLATING or self.previous is None:
             return self.residuals
-        previous, at = self.previous
-        factor = (self.calls - self.computed_at) / (self.computed_at - at)
-        return tuple(torch.add(r, r - p, alpha=factor) for r, p in zip(self.residuals, previous))
+        return tuple(map(self._extrapolated, self.residuals, self.previous[1]))
 
 
 @dataclass(frozen=True)
@@ -288,7 +298,7 @@ class _Deciding(_Program):
         ):
             state.hits_in_row = 0
             return False
-        skip = relative_l1(signal, state.signal, self._reduce) < opts.residual_diff_threshold
+        skip = relative_l1(signal, state.signal_now(opts), self._reduce) < opts.residual_diff_threshold
         state.hits_in_row = state.hits_in_row + 1 if skip else 0
         return skip
 

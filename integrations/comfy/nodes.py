@@ -85,11 +85,14 @@ class ApplyFirstBlockCache(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "policy", options=list(POLICIES), default="fbcache", optional=True,
-                    tooltip="What a skipped step adds to the first block's output. fbcache: the "
+                    tooltip="Which steps are skipped and what a skipped step adds. fbcache: the "
                             "residual of the last computed step (First Block Cache). taylor: "
                             "that residual extrapolated along its change between the last two "
                             "computed steps (TaylorSeer, first order; one more residual in "
-                            "memory). Changing it recompiles nothing.",
+                            "memory), same skipped steps. predictive: taylor's residual, and a "
+                            "step is skipped while the first block's residual stays within the "
+                            "threshold of its own extrapolation (more skips at equal quality on "
+                            "trained models; use a lower threshold). Changing it recompiles nothing.",
                 ),
             ],
         )
