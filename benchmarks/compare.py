@@ -1,4 +1,4 @@
-"""wavespeed against its peers: First Block Cache implementations on two Flux denoisers.
+"""wavespeed against its peers: step caches on three Flux denoisers.
 
     python benchmarks/compare.py                       # CPU fp32; writes benchmarks/results/compare-cpu.*
     python benchmarks/compare.py --device cuda         # CUDA bf16; writes compare-cuda.*
@@ -6,14 +6,18 @@
 Workloads (28 FlowMatch Euler steps each, one image per denoiser call):
 
 * digits -- the class-conditional FLUX trained on scikit-learn's digits
-  (`benchmarks/digits`, weights committed); samples are scored by a classifier trained on the
-  same data set, so quality is a number no cache can game.
+  (`benchmarks/digits`, weights committed, 16 image tokens); samples are scored by a classifier
+  trained on the same data set, so quality is a number no cache can game.
+* photos -- the class-conditional FLUX trained on crops of scikit-learn's sample photographs
+  (`benchmarks/photos`, weights committed, 256 image tokens: compute-bound).
 * medium -- `benchmarks/demo.py`'s medium random-weight Flux (compute-bound timing).
 
 Configurations: eager; plain Inductor; wavespeed; diffusers' `FirstBlockCacheConfig` (eager
-and `torch.compile`); cache-dit's DBCache F1B0 (eager and compiled); para-attn's FLUX cache
-as shipped (fails on diffusers 0.42: the error is the result) and para-attn through a small
-labelled adapter (`para_attn_adapter`). Every cache runs at each `--thresholds` value.
+and `torch.compile`); cache-dit's DBCache F1B0 (eager and compiled, and compiled with its
+TaylorSeer calibrator); para-attn's FLUX cache as shipped (fails on diffusers 0.42: the error is
+the result) and para-attn through a small labelled adapter (`para_attn_adapter`); ComfyUI's
+EasyCache through a labelled adapter (`comfy_easycache`). Every cache runs at each
+`--thresholds` value but EasyCache, whose threshold has another scale (`EASYCACHE_THRESHOLDS`).
 
 Figures per configuration: median wall time per image over `--repeats` x images, speed-up over
 eager (measured in the same run), skipped steps per image, compile time cold (a subprocess
@@ -22,7 +26,8 @@ cold probe's cache), Dynamo recompiles and graph breaks, PSNR and max error of t
 latents against eager, and (digits) the classifier's accuracy on the conditioned class.
 
 Outputs under `--out` (default benchmarks/results/compare-<device>): .json, .md (docs/performance.md's
-table), .png (speed vs quality) and -digits.png (generated digits per configuration).
+table), .png (speed vs quality) and -<workload>.png for the trained models (generated images per
+configuration).
 """
 
 from __future__ import annotations
@@ -53,10 +58,16 @@ import wavepass  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo  # noqa: E402
 import digits  # noqa: E402
+from docs_include import ROOT, include_in_docs  # noqa: E402
+import photos  # noqa: E402
 import plots  # noqa: E402
+import trained  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLD_PROBE_THRESHOLD = 0.12  # a compiled family's cold compile is measured once, at this threshold
+# EasyCache's reuse_threshold bounds an accumulated estimate of the output's change (its node's
+# default is 0.2, its range 0..3), another scale than First Block Cache's
+EASYCACHE_THRESHOLDS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
 
 
 def parse_args(argv=None):
@@ -68,8 +79,9 @@ def parse_args(argv=None):
                         help="torch CPU threads (1: on a shared CPU, two-thread OpenMP is 20-40x slower "
                              "whenever another process holds a core)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.05, 0.08, 0.12, 0.2])
-    parser.add_argument("--workloads", nargs="+", choices=("digits", "medium"), default=["digits", "medium"])
+    parser.add_argument("--workloads", nargs="+", choices=("digits", "photos", "medium"), default=["digits", "medium"])
     parser.add_argument("--digits-images", type=int, default=10, help="digits images per repeat (label = index %% 10)")
+    parser.add_argument("--photos-images", type=int, default=2, help="photos images per repeat (label = index %% 2)")
     parser.add_argument("--medium-images", type=int, default=1, help="medium-model images per repeat")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes over the images")
     parser.add_argument("--families", nargs="+", default=None,
@@ -91,7 +103,7 @@ def parse_args(argv=None):
 class Workload:
     name: str
     build: Callable[[], torch.nn.Module]  # a fresh denoiser (eval, on the device, in the dtype)
-    conditions: list  # one dict per image, as `digits.sample` takes it
+    conditions: list  # one dict per image, as `trained.sample` takes it
     labels: list | None = None  # conditioned class per image (digits)
     classifier: object = None
 
@@ -100,14 +112,15 @@ def dtype_for(device):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
-def digits_workload(args, classifier=None):
-    """The trained digits model; image i is class i % 10 from noise seed 1000 + i."""
+def trained_workload(name, args, classifier=None):
+    """A trained model (`digits` or `photos`); image i is class i % classes from noise seed 1000 + i."""
+    model = {"digits": digits, "photos": photos}[name].MODEL
     dtype = dtype_for(args.device)
-    _, label_encoder = digits.load(dtype=dtype, device=args.device)
-    labels = [i % digits.NUM_CLASSES for i in range(args.digits_images)]
-    conditions = [digits.make_condition(label_encoder, torch.tensor([label]), 1000 + i)
+    _, label_encoder = model.load(dtype=dtype, device=args.device)
+    labels = [i % model.num_classes for i in range(getattr(args, f"{name}_images"))]
+    conditions = [model.make_condition(label_encoder, torch.tensor([label]), 1000 + i)
                   for i, label in enumerate(labels)]
-    return Workload("digits", lambda: digits.load(dtype=dtype, device=args.device)[0], conditions,
+    return Workload(name, lambda: model.load(dtype=dtype, device=args.device)[0], conditions,
                     labels, classifier)
 
 
@@ -116,8 +129,12 @@ def medium_workload(args):
     dtype = dtype_for(args.device)
     conditions = [{k: v.to(args.device, dtype) for k, v in demo.make_inputs(seed).items()}
                   for seed in range(args.medium_images)]
-    return Workload("medium", lambda: digits.to_device(demo.build_model("medium", 0), args.device, dtype),
+    return Workload("medium", lambda: trained.to_device(demo.build_model("medium", 0), args.device, dtype),
                     conditions)
+
+
+def workload_named(name, args, classifier=None):
+    return medium_workload(args) if name == "medium" else trained_workload(name, args, classifier)
 
 
 # ----------------------------------------------------------------------------- configurations
@@ -260,6 +277,53 @@ def para_attn_adapter(transformer):
     return transformer
 
 
+def comfy_easycache(compiled):
+    """ComfyUI's EasyCache, from the copy `scripts/fetch_comfyui.py` fetches, through a small
+    ADAPTER (ours, not ComfyUI's): ComfyUI runs `easycache_forward_wrapper` around the diffusion
+    model inside its sampler; here it wraps the transformer call, with what ComfyUI's sampler
+    puts in `transformer_options` (the step's sigma, one cond uuid), a fresh holder per image
+    (as its OUTER_SAMPLE wrapper makes), `skip_current_step` cleared before each call (as its
+    calc_cond_batch wrapper does) and the sigma window of the node's defaults (start 0.15,
+    end 0.95) from ComfyUI's own flow `ModelSamplingDiscreteFlow` (shift 1, as these models
+    sample). subsample_factor is 1: the node's 8 strides a 128x128 latent, and these latents
+    are 4 to 16 tokens a side, so it measures the whole input. The latent is handed over as a
+    copy: EasyCache adds its cached difference to its input in place."""
+
+    def setup(model, threshold, steps):
+        sys.path.insert(0, str(ROOT / "tests"))
+        import comfy_support
+
+        if comfy_support.load_nodes() is None:
+            raise RuntimeError(f"ComfyUI is not fetched: run {comfy_support.FETCH_COMMAND}")
+        import uuid
+
+        from comfy.model_sampling import ModelSamplingDiscreteFlow
+        from comfy_extras import nodes_easycache
+
+        sampling, cond = ModelSamplingDiscreteFlow(None), uuid.uuid4()
+        fn = torch.compile(model) if compiled else model
+        holder = []
+
+        def call(hidden_states, **kwargs):
+            easycache = holder[0]
+            easycache.skip_current_step = False
+            if easycache.output_channels is None:
+                easycache.output_channels = hidden_states.shape[1]
+            options = {"easycache": easycache, "sigmas": kwargs["timestep"][:1], "uuids": [cond]}
+            out = nodes_easycache.easycache_forward_wrapper(
+                lambda x, _: fn(hidden_states=x, **kwargs)[0], hidden_states.clone(), options)
+            return (out,)
+
+        def reset():
+            holder[:] = [nodes_easycache.EasyCacheHolder(threshold, 0.15, 0.95, subsample_factor=1,
+                                                         offload_cache_diff=False).prepare_timesteps(sampling)]
+
+        reset()
+        return Runner(call, reset, lambda: holder[0].total_steps_skipped)
+
+    return setup
+
+
 def _original_similar(utils):
     """para-attn's `are_two_tensors_similar`, unwrapped if an earlier configuration wrapped it."""
     fn = utils.are_two_tensors_similar
@@ -284,6 +348,7 @@ def configurations(thresholds, families=None):
     cached = [
         ("wavespeed", wavespeed("fbcache"), True, ""),
         ("wavespeed-taylor", wavespeed("taylor"), True, "policy='taylor'"),
+        ("wavespeed-predictive", wavespeed("predictive"), True, "policy='predictive'"),
         ("diffusers-fbc", diffusers_fbc(False), False, ""),
         ("diffusers-fbc+compile", diffusers_fbc(True), True, ""),
         ("para-attn", para_attn(False, False), False, "para-attn's own FLUX adapter"),
@@ -292,10 +357,12 @@ def configurations(thresholds, families=None):
         ("cache-dit", cache_dit(False), False, ""),
         ("cache-dit+compile", cache_dit(True), True, ""),
         ("cache-dit-taylorseer+compile", cache_dit(True, taylorseer=True), True, "TaylorSeer order 1"),
+        ("comfy-easycache+compile", comfy_easycache(True), True, "ComfyUI EasyCache via our adapter"),
     ]
     configs = [Config("eager", "eager", eager), Config("inductor", "inductor", inductor, compiled=True)]
     for family, setup, compiled, note in cached:
-        family_thresholds = thresholds[:1] if family == "para-attn" else thresholds  # it fails: once is enough
+        family_thresholds = {"para-attn": thresholds[:1],  # it fails: once is enough
+                             "comfy-easycache+compile": EASYCACHE_THRESHOLDS}.get(family, thresholds)
         configs += [Config(f"{family} {t:g}", family, setup, t, compiled, note) for t in family_thresholds]
     return [c for c in configs if c.family == "eager" or families is None or c.family in families]
 
@@ -324,7 +391,7 @@ def run_image(runner, cond, args):
     runner.reset()
 
     def go():
-        latent = digits.sample(runner.call, cond, args.steps)
+        latent = trained.sample(runner.call, cond, args.steps)
         synchronize(args.device)
         return latent
 
@@ -372,7 +439,7 @@ def cold_compile(workload_name, config, args):
     The main process then measures the family with that cache dir (the warm compile)."""
     cache = tempfile.mkdtemp(prefix="wavepass-compare-inductor-")
     command = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
-               "--threads", str(args.threads), "--digits-images", "1", "--medium-images", "1",
+               "--threads", str(args.threads), "--digits-images", "1", "--photos-images", "1", "--medium-images", "1",
                "--thresholds", str(config.threshold if config.threshold is not None else COLD_PROBE_THRESHOLD),
                "--cold-probe", workload_name, config.name]
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
@@ -386,7 +453,7 @@ def cold_compile(workload_name, config, args):
 def cold_probe(args):
     """Subprocess side of `cold_compile`: first image (compiles) minus a second image."""
     name, config_name = args.cold_probe
-    workload = digits_workload(args) if name == "digits" else medium_workload(args)
+    workload = workload_named(name, args)
     config = next(c for c in configurations(args.thresholds) if c.name == config_name)
     runner = config.setup(workload.build(), config.threshold, args.steps)
     with torch.no_grad():
@@ -483,30 +550,14 @@ def write_markdown(path, record):
              f"steps. "
              f"Peers: {', '.join(f'{k} {v}' for k, v in record['peers'].items())}."]
     for name, block in record["workloads"].items():
-        title = {"digits": "Trained digits FLUX", "medium": "Medium random-weight Flux"}[name]
+        title = {"digits": "Trained digits FLUX", "photos": "Trained photos FLUX (256 image tokens)",
+                 "medium": "Medium random-weight Flux"}[name]
         extra = (f" Classifier accuracy on real held-out digits: {block['real_accuracy']:.1%}."
                  if block.get("real_accuracy") is not None else "")
         parts += [f"### {title} ({block['params_m']:.2f}M params; median of {block['repeats']} passes "
                   f"over {block['images']} images; run {block['finished']})",
                   extra.strip(), markdown_table(block["rows"], record["steps"])]
     path.write_text("\n\n".join(p for p in parts if p) + "\n")
-
-
-ROOT = Path(__file__).resolve().parent.parent
-DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
-
-
-def include_in_docs(table: Path) -> None:
-    """Replace every copy of `table` in the README and docs/ (between `<!-- begin/end <path> -->`
-    markers, where a file has them) with the table just written; tests/test_readme.py keeps
-    them equal."""
-    name = table.resolve().relative_to(ROOT).as_posix()
-    begin, end = f"<!-- begin {name} -->\n", f"<!-- end {name} -->"
-    for doc in DOCS:
-        text = doc.read_text()
-        if begin in text and end in text:
-            head, rest = text.split(begin, 1)
-            doc.write_text(head + begin + table.read_text() + end + rest.split(end, 1)[1])
 
 
 def write_plot(path, record):
@@ -530,21 +581,27 @@ def write_plot(path, record):
     plots.save(fig, path)
 
 
-def write_digits_grid(path, results, workload):
-    """One row of generated digits per configuration (last pass), with its label."""
+def write_samples_grid(path, results, workload):
+    """One row of generated images per configuration (last pass), with its label."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    model = {"digits": digits, "photos": photos}[workload.name].MODEL
     rows = [r for r in results if not r.error]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(len(workload.conditions) * 0.45 + 2.5, len(rows) * 0.5))
+    width = len(workload.conditions) * model.side / 16 + 2.5
+    fig, axes = plt.subplots(len(rows), 1, figsize=(width, len(rows) * max(0.5, model.side / 40)))
     for ax, result in zip(axes, rows):
-        pixels = torch.nn.functional.pad(digits.to_pixels(torch.cat(result.latents)), (0, 1))  # 1-px gaps
-        ax.imshow(torch.cat(list(pixels), dim=1).numpy(), cmap="gray_r", vmin=0, vmax=16)
+        images = torch.nn.functional.pad(model.to_unit(torch.cat(result.latents)), (0, 1))  # 1-px gaps
+        strip = torch.cat(list(images), dim=2).permute(1, 2, 0)  # (S, n * (S + 1), C)
+        if model.channels == 1:
+            ax.imshow(strip[..., 0].numpy(), cmap="gray_r", vmin=0, vmax=1)
+        else:
+            ax.imshow(strip.numpy())
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(result.config.name, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"digits, conditioned classes {workload.labels[:10]}...", fontsize=8)
+    fig.suptitle(f"{workload.name}, conditioned classes {workload.labels[:10]}...", fontsize=8)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
@@ -583,7 +640,7 @@ def main():
     if args.append and args.out.with_suffix(".json").exists():
         record["workloads"] = json.loads(args.out.with_suffix(".json").read_text())["workloads"]
     for name in args.workloads:
-        workload = digits_workload(args, classifier) if name == "digits" else medium_workload(args)
+        workload = workload_named(name, args, classifier if name == "digits" else None)
         results = measure_workload(workload, configs, args)
         baseline = results[0]
         record["workloads"][name] = dict(
@@ -592,8 +649,8 @@ def main():
             params_m=sum(p.numel() for p in workload.build().parameters()) / 1e6,
             real_accuracy=real_accuracy if name == "digits" else None,
             rows=[row(r, baseline, workload, args) for r in results])
-        if name == "digits":
-            write_digits_grid(args.out.with_name(args.out.name + "-digits.png"), results, workload)
+        if workload.labels is not None:
+            write_samples_grid(args.out.with_name(f"{args.out.name}-{name}.png"), results, workload)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     write_markdown(args.out.with_suffix(".md"), record)
     include_in_docs(args.out.with_suffix(".md"))

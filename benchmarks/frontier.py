@@ -8,7 +8,8 @@ eager among its measured thresholds whose final latents are at least q dB PSNR a
 (no interpolation: a configuration someone can run). The table gives it at 40, 35 and 30 dB
 and each family's ratio to plain First Block Cache (`wavespeed`); the plot draws every
 measured point (speed-up against PSNR) with its frontier as a step line. Writes
-`<json stem>-frontier.md` and `.png` beside the input.
+`<json stem>-frontier.md` and `.png` beside the input, and copies the table into the README and
+docs/ where they include it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import plots  # noqa: E402
+from docs_include import include_in_docs  # noqa: E402
 
 LEVELS = (40.0, 35.0, 30.0)
 BASELINE = "wavespeed"
@@ -39,22 +41,25 @@ def families(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def markdown(record: dict, source: Path) -> str:
-    lines = [f"# Speed/quality frontier ({source.name})", "",
-             "Best speed-up over eager among the thresholds whose final latents are at least the given "
-             "PSNR against eager; in brackets, the ratio to plain First Block Cache (`wavespeed`).", ""]
-    for name, workload in record["workloads"].items():
-        groups = families(workload["rows"])
-        lines += [f"## {name}", "", "| family | " + " | ".join(f"{q:g} dB" for q in LEVELS) + " |",
-                  "| --- |" + " ---: |" * len(LEVELS)]
-        base = {q: frontier(groups.get(BASELINE, []), q) for q in LEVELS}
-        for family, rows in groups.items():
-            cells = []
+    """One table: a row per family, a column per workload and quality level."""
+    names = list(record["workloads"])
+    groups = {name: families(record["workloads"][name]["rows"]) for name in names}
+    order = list(dict.fromkeys(f for name in names for f in groups[name]))
+    runs = "; ".join(f"{name} {block['finished']}" for name, block in record["workloads"].items())
+    lines = [f"Best speed-up over eager among a family's thresholds whose final latents are at least "
+             f"the given PSNR against eager; in brackets, the ratio to plain First Block Cache "
+             f"(`{BASELINE}`). From `{source.name}` ({record['device']}, {record['threads']} thread(s); {runs}).", "",
+             "| family | " + " | ".join(f"{name} {q:g} dB" for name in names for q in LEVELS) + " |",
+             "| --- |" + " ---: |" * (len(names) * len(LEVELS))]
+    for family in order:
+        cells = []
+        for name in names:
+            rows, base = groups[name].get(family, []), groups[name].get(BASELINE, [])
             for q in LEVELS:
-                value = frontier(rows, q)
-                ratio = f" ({value / base[q]:.2f})" if value and base[q] else ""
+                value, reference = frontier(rows, q), frontier(base, q)
+                ratio = f" ({value / reference:.2f})" if value and reference else ""
                 cells.append(f"{value:.2f}x{ratio}" if value else "-")
-            lines.append(f"| {family} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -82,6 +87,7 @@ def main() -> None:
     stem = args.results.with_suffix("")
     text = markdown(record, args.results)
     Path(f"{stem}-frontier.md").write_text(text + "\n")
+    include_in_docs(Path(f"{stem}-frontier.md"))
     plot(record, Path(f"{stem}-frontier.png"))
     print(text)
 

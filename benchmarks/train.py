@@ -1,8 +1,9 @@
-"""Train the digits FLUX model (rectified flow, class-conditional) and write its safetensors.
+"""Train one of the benchmark's FLUX models (rectified flow, class-conditional) and write its weights.
 
-    python benchmarks/digits/train.py            # regenerates benchmarks/digits/digits-flux.safetensors
+    python benchmarks/train.py digits    # regenerates benchmarks/digits/digits-flux.safetensors
+    python benchmarks/train.py photos    # regenerates benchmarks/photos/photos-flux.safetensors
 
-Seeds are fixed (model init, batches, noise, timesteps) and training runs on one CPU thread
+The models and their data are described in `benchmarks/trained.py`. Seeds are fixed (model init, batches, noise, timesteps) and training runs on one CPU thread
 (`--threads`), so a rerun with the same torch build gives the same weights (two 30-step runs
 wrote identical files; the full run was not repeated). One thread also keeps the speed steady
 on a shared CPU: 4000 steps take about 11 minutes on an idle core (0.16 s/step), and took
@@ -22,29 +23,39 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/
 import digits  # noqa: E402
+import photos  # noqa: E402
+
+DATASETS = {"digits": digits, "photos": photos}  # each has MODEL and training_set()
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("model", choices=sorted(DATASETS))
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the model's TRAINING)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: the model's TRAINING)")
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    parser.add_argument("--ema", type=float, default=None, help="EMA decay of the saved weights (default: TRAINING)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=digits.WEIGHTS)
-    return parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None, help="default: the model's weights file")
+    args = parser.parse_args()
+    dataset = DATASETS[args.model]
+    args.steps = args.steps or dataset.TRAINING["steps"]
+    args.batch = args.batch or dataset.TRAINING["batch"]
+    args.ema = args.ema or dataset.TRAINING["ema"]
+    args.out = args.out or dataset.MODEL.weights
+    return args, dataset
 
 
-def flow_loss(transformer, labels_module, images, labels, gen):
+def flow_loss(model, transformer, labels_module, images, labels, gen):
     """Rectified-flow loss: predict noise - x0 at x_s = (1 - s) x0 + s noise, s ~ U(0, 1)."""
-    x0 = digits.pack(images)
+    x0 = model.pack(images)
     noise = torch.randn(x0.shape, generator=gen)
     s = torch.rand(len(x0), generator=gen)
     xs = (1 - s[:, None, None]) * x0 + s[:, None, None] * noise
-    v = transformer(hidden_states=xs, timestep=s, **labels_module(labels), **digits.position_ids(),
+    v = transformer(hidden_states=xs, timestep=s, **labels_module(labels), **model.position_ids(),
                     return_dict=False)[0]
     return torch.nn.functional.mse_loss(v, noise - x0)
 
@@ -71,23 +82,23 @@ def save(path, transformer, labels_module):
 
 
 def main():
-    args = parse_args()
+    args, dataset = parse_args()
     torch.set_num_threads(args.threads)
-    train, _ = digits.load_splits()
-    transformer, labels_module = digits.build(args.seed)
+    train, model = dataset.training_set(), dataset.MODEL
+    transformer, labels_module = model.build(args.seed)
     modules = torch.nn.ModuleList([transformer, labels_module]).train()
     ema = copy.deepcopy(modules).eval()
     optimizer = torch.optim.AdamW(modules.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
     n_params = sum(p.numel() for p in modules.parameters())
-    print(f"digits FLUX: {n_params / 1e6:.2f}M params, {len(train.labels)} training images, "
+    print(f"{model.name} FLUX: {n_params / 1e6:.2f}M params, {len(train.labels)} training images, "
           f"{args.steps} steps of {args.batch}", flush=True)
     start = time.perf_counter()
     for step in range(args.steps):
         index = torch.randint(len(train.labels), (args.batch,), generator=gen)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr)
-        loss = flow_loss(transformer, labels_module, train.images[index], train.labels[index], gen)
+        loss = flow_loss(model, transformer, labels_module, train.images[index], train.labels[index], gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)

@@ -19,6 +19,7 @@ import wavepass
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import digits  # noqa: E402
+import trained  # noqa: E402
 
 pytest.importorskip("sklearn", reason="the digits data set and classifier need scikit-learn")
 
@@ -48,18 +49,18 @@ def classifier(data):
 
 @pytest.fixture(scope="module")
 def model():
-    return digits.load()
+    return digits.MODEL.load()
 
 
 @pytest.fixture(scope="module")
 def batch(model):
     """Noise and conditioning for one image of each class."""
-    return digits.make_condition(model[1], torch.arange(10), seed=123)
+    return digits.MODEL.make_condition(model[1], torch.arange(10), seed=123)
 
 
 @pytest.fixture(scope="module")
 def uncached_accuracy(one_thread, model, batch, classifier):
-    return accuracy(classifier, digits.sample(model[0], batch))
+    return accuracy(classifier, trained.sample(model[0], batch))
 
 
 def accuracy(classifier, latent):
@@ -68,12 +69,12 @@ def accuracy(classifier, latent):
 
 
 def test_committed_weights_load():
-    assert digits.WEIGHTS.stat().st_size < 5e6
-    transformer, labels = digits.load()  # load_state_dict is strict: every key matches
+    assert digits.MODEL.weights.stat().st_size < 5e6
+    transformer, labels = digits.MODEL.load()  # load_state_dict is strict: every key matches
     assert isinstance(transformer, FluxTransformer2DModel)
     assert not transformer.training
     assert torch.isfinite(torch.cat([p.flatten() for p in transformer.parameters()])).all()
-    assert labels.tokens.weight.shape == (digits.NUM_CLASSES, digits.TEXT_TOKENS * digits.TEXT_DIM)
+    assert labels.tokens.weight.shape == (digits.MODEL.num_classes, digits.MODEL.text_tokens * digits.MODEL.text_dim)
 
 
 def test_classifier_scores_held_out_digits(data, classifier):
@@ -85,7 +86,7 @@ def test_classifier_scores_held_out_digits(data, classifier):
 
 def test_pack_roundtrip(data):
     images = data[1].images[:3]
-    assert torch.equal(digits.unpack(digits.pack(images)), images)
+    assert torch.equal(digits.MODEL.unpack(digits.MODEL.pack(images)), images)
 
 
 def test_uncached_samples_show_their_class(uncached_accuracy):
@@ -96,7 +97,7 @@ def test_wavespeed_skips_and_keeps_accuracy(one_thread, model, batch, classifier
     compiled = torch.compile(model[0], backend="wavespeed",
                              options={"residual_diff_threshold": THRESHOLD, "compiler": "eager"})
     wavepass.reset(compiled)
-    cached = accuracy(classifier, digits.sample(compiled, batch))
+    cached = accuracy(classifier, trained.sample(compiled, batch))
     stats = wavepass.stats(compiled)
     assert stats.calls == 28 and stats.hits >= 5
     assert cached >= uncached_accuracy - ACCURACY_MARGIN

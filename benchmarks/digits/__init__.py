@@ -3,12 +3,9 @@
 The data: `sklearn.datasets.load_digits` (1797 8x8 grey images, values 0..16), scaled to
 [-1, 1] and split once (stratified, seed 0) into 1497 training and 300 held-out images.
 
-The denoiser: a `diffusers.FluxTransformer2DModel` on 2x2-packed images (the FLUX pipeline's
-packing: an 8x8 one-channel image is 4x4 = 16 tokens of 4 channels), trained with rectified
-flow (x_t = (1 - s) x0 + s noise, target noise - x0, timestep = s as FluxPipeline passes it).
-The class label conditions it through the text stream: `LabelEncoder` turns a label into
-`TEXT_TOKENS` learned "prompt" tokens and a learned pooled vector. Both live in one
-safetensors file (`WEIGHTS`, keys `transformer.*` and `labels.*`), written by `train.py`.
+The denoiser: `MODEL`, a `trained.TrainedFlux` (see `benchmarks/trained.py`): an 8x8 one-channel
+image is 4x4 = 16 tokens of 4 channels; the class label is the "prompt". Weights in
+`digits-flux.safetensors`, written by `python benchmarks/train.py digits`.
 
 The classifier: an RBF support vector machine fitted on the training split (deterministic,
 under a second, so it is refitted instead of stored); it scores the held-out split and the
@@ -18,33 +15,21 @@ generated images, so sample quality is a number that no cache can game.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: demo.py's helpers
-from demo import image_ids  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from trained import Split, TrainedFlux  # noqa: E402
 
-WEIGHTS = Path(__file__).resolve().parent / "digits-flux.safetensors"
-SIDE = 8  # image side in pixels
-GRID = SIDE // 2  # token grid side after 2x2 packing
-TEXT_TOKENS = 4
-TEXT_DIM = 32
-POOLED_DIM = 32
-NUM_CLASSES = 10
-MODEL_CONFIG = dict(
-    patch_size=1, in_channels=4, num_layers=2, num_single_layers=4, attention_head_dim=16,
-    num_attention_heads=4, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM,
-    guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+MODEL = TrainedFlux(
+    name="digits", side=8, channels=1, num_classes=10,
+    weights=Path(__file__).resolve().parent / "digits-flux.safetensors",
+    config=dict(patch_size=1, num_layers=2, num_single_layers=4, attention_head_dim=16,
+                num_attention_heads=4, guidance_embeds=False, axes_dims_rope=(4, 6, 6)),
 )
+TRAINING = dict(steps=4000, batch=128, ema=0.999)  # train.py defaults
 
-
-@dataclass
-class Split:
-    images: torch.Tensor  # (n, 1, 8, 8) in [-1, 1]
-    labels: torch.Tensor  # (n,) int64
 
 
 def load_splits() -> tuple[Split, Split]:
@@ -62,91 +47,14 @@ def load_splits() -> tuple[Split, Split]:
     return split(x_train, y_train), split(x_test, y_test)
 
 
-def pack(images: torch.Tensor) -> torch.Tensor:
-    """(n, 1, 8, 8) -> (n, 16, 4): FluxPipeline's 2x2 patch packing."""
-    n, c = images.shape[:2]
-    x = images.reshape(n, c, GRID, 2, GRID, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(n, GRID * GRID, c * 4)
-
-
-def unpack(tokens: torch.Tensor) -> torch.Tensor:
-    """(n, 16, 4) -> (n, 1, 8, 8), the inverse of `pack`."""
-    n = tokens.shape[0]
-    x = tokens.reshape(n, GRID, GRID, 1, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(n, 1, SIDE, SIDE)
-
-
-class LabelEncoder(torch.nn.Module):
-    """A class label -> the text-stream inputs of FLUX: prompt tokens and a pooled vector."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tokens = torch.nn.Embedding(NUM_CLASSES, TEXT_TOKENS * TEXT_DIM)
-        self.pooled = torch.nn.Embedding(NUM_CLASSES, POOLED_DIM)
-
-    def forward(self, labels: torch.Tensor) -> dict:
-        return dict(encoder_hidden_states=self.tokens(labels).reshape(-1, TEXT_TOKENS, TEXT_DIM),
-                    pooled_projections=self.pooled(labels))
-
-
-def build(seed: int = 0) -> tuple[FluxTransformer2DModel, LabelEncoder]:
-    """A freshly initialised (untrained) transformer and label encoder."""
-    torch.manual_seed(seed)
-    return FluxTransformer2DModel(**MODEL_CONFIG), LabelEncoder()
-
-
-def load(path: Path = WEIGHTS, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """The trained transformer and label encoder from `path`, in eval mode."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    transformer, labels = build()
-    for prefix, module in (("transformer.", transformer), ("labels.", labels)):
-        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-    return to_device(transformer, device, dtype).eval(), labels.to(device, dtype).eval()
-
-
-def to_device(model: torch.nn.Module, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """`model.to(device, dtype)`, casting only when the dtype changes (diffusers warns on every
-    dtype cast, even to the dtype the model already has)."""
-    model = model.to(device)
-    return model if dtype == next(model.parameters()).dtype else model.to(dtype)
-
-
-def position_ids(device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """img_ids and txt_ids as FluxPipeline makes them for a 4x4 token grid."""
-    return dict(img_ids=image_ids(GRID).to(device, dtype), txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device, dtype=dtype))
-
-
-def make_condition(labels_module: LabelEncoder, labels: torch.Tensor, seed: int) -> dict:
-    """Noise (seeded) and text-stream conditioning for a batch of labels."""
-    param = next(labels_module.parameters())
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(labels), GRID * GRID, 4, generator=gen).to(param.device, param.dtype)
-    with torch.no_grad():
-        cond = labels_module(labels.to(param.device))
-    return dict(noise=noise, **cond, **position_ids(param.device, param.dtype))
-
-
-@torch.no_grad()
-def sample(model, cond: dict, steps: int = 28) -> torch.Tensor:
-    """FlowMatch Euler (diffusers' scheduler, shift 1) from `cond["noise"]`; returns the packed
-    final latent. `model` is called as FluxPipeline calls its transformer."""
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
-    scheduler.set_timesteps(steps)
-    x = cond["noise"]
-    for t in scheduler.timesteps:
-        v = model(hidden_states=x, encoder_hidden_states=cond["encoder_hidden_states"],
-                  pooled_projections=cond["pooled_projections"],
-                  timestep=(t / 1000).expand(x.shape[0]).to(x.dtype), img_ids=cond["img_ids"],
-                  txt_ids=cond["txt_ids"], return_dict=False)[0]
-        x = scheduler.step(v, t, x, return_dict=False)[0]
-    return x
+def training_set() -> Split:
+    """What `train.py` trains on."""
+    return load_splits()[0]
 
 
 def to_pixels(latent: torch.Tensor) -> torch.Tensor:
     """Packed latent -> (n, 8, 8) float images in the data set's 0..16 scale."""
-    return ((unpack(latent.float().cpu()).squeeze(1).clamp(-1, 1) + 1) * 8)
+    return MODEL.to_unit(latent).squeeze(1) * 16
 
 
 def fit_classifier(train: Split):
