@@ -20,10 +20,11 @@ EasyCache through a labelled adapter (`comfy_easycache`). Every cache runs at ea
 `--thresholds` value but EasyCache, whose threshold has another scale (`EASYCACHE_THRESHOLDS`).
 
 Figures per configuration: median wall time per image over `--repeats` x images, speed-up over
-eager (measured in the same run), skipped steps per image, compile time cold (a subprocess
-with an empty Inductor cache folder) and warm (first image minus the median image, with the
-cold probe's cache), Dynamo recompiles and graph breaks, PSNR and max error of the final
-latents against eager, and (digits) the classifier's accuracy on the conditioned class.
+eager (eager images run alternately with the configuration's, see `measure`), skipped steps
+per image, compile time cold (a subprocess with an empty Inductor cache folder) and warm
+(first image minus the median image, with the cold probe's cache), Dynamo recompiles and graph
+breaks, PSNR and max error of the final latents against eager, and (digits) the classifier's
+accuracy on the conditioned class.
 
 Outputs under `--out` (default benchmarks/results/compare-<device>): .json, .md (docs/performance.md's
 table), .png (speed vs quality) and -<workload>.png for the trained models (generated images per
@@ -404,6 +405,7 @@ class Measured:
     config: Config
     first_image_s: float = math.nan
     image_times: list = field(default_factory=list)
+    eager_times: list = field(default_factory=list)  # eager images timed between this one's
     latents: list = field(default_factory=list)  # final latents of the last repeat, per image
     skipped: list = field(default_factory=list)  # skipped calls per image, last repeat
     recompiles: int = 0
@@ -412,9 +414,13 @@ class Measured:
     error: str | None = None
 
 
-def measure(workload, config, args):
+def measure(workload, config, args, reference=None, expected=None):
     """A fresh model, one untimed-for-speed first image (compiles), then `args.repeats` timed
-    passes over the workload's images. Errors become the result."""
+    passes over the workload's images. With `reference` (an eager Runner), each timed image is
+    followed by the same image in eager (`eager_times`), so the speed-up is against eager
+    timed in the same minutes: on a shared machine the speed of both drifts by tens of percent
+    over a run. The reference must still give `expected` (eager's latents): a peer that patched
+    it would make that an error. Errors become the result."""
     result = Measured(config)
     reset_dynamo()
     try:
@@ -423,11 +429,16 @@ def measure(workload, config, args):
             result.first_image_s = run_image(runner, workload.conditions[0], args)[0]
             for _ in range(args.repeats):
                 result.latents, result.skipped = [], []
-                for cond in workload.conditions:
+                for index, cond in enumerate(workload.conditions):
                     seconds, latent, skipped = run_image(runner, cond, args)
                     result.image_times.append(seconds)
                     result.latents.append(latent.float().cpu())
                     result.skipped.append(skipped)
+                    if reference is not None:
+                        eager_s, eager_latent = run_image(reference, cond, args)[:2]
+                        result.eager_times.append(eager_s)
+                        if not torch.equal(eager_latent.float().cpu(), expected[index]):
+                            raise RuntimeError("the eager reference no longer gives eager's latents")
     except Exception as exc:  # noqa: BLE001 -- a peer that fails is a result, with its reason
         result.error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
     result.recompiles, result.graph_breaks = dynamo_counts()
@@ -467,7 +478,9 @@ def measure_workload(workload, configs, args):
     configuration (threshold COLD_PROBE_THRESHOLD where it has one) and is then measured warm,
     with the probe's Inductor cache; the cold figure goes on the probed configuration's row."""
     results, probes = [], {}  # family -> (cold seconds, cache dir, probed config name)
+    reference = Runner(workload.build())  # eager, timed between every other configuration's images
     for config in configs:
+        paired = (reference, results[0].latents) if results else (None, None)
         if config.compiled and not args.no_cold and config.family not in probes:
             family = [c for c in configs if c.family == config.family]
             probed = next((c for c in family if c.threshold in (None, COLD_PROBE_THRESHOLD)), family[0])
@@ -475,10 +488,10 @@ def measure_workload(workload, configs, args):
         cold_s, cache, probed_name = probes.get(config.family, (None, None, None))
         print(f"  {workload.name}: {config.name} ...", end="", flush=True)
         if cache is None:
-            result = measure(workload, config, args)
+            result = measure(workload, config, args, *paired)
         else:
             with temporary_cache_dir(cache):
-                result = measure(workload, config, args)
+                result = measure(workload, config, args, *paired)
         result.cold_compile_s = cold_s if config.name == probed_name else None
         print(f" {result.error or f'{statistics.median(result.image_times):.3f} s/image'}", flush=True)
         results.append(result)
@@ -488,19 +501,21 @@ def measure_workload(workload, configs, args):
 # ----------------------------------------------------------------------------- reporting
 
 def row(result, baseline, workload, args):
-    """The table row of one configuration, against the eager baseline of the same run."""
+    """The table row of one configuration; its speed-up is against the eager images timed
+    between its own (the eager baseline of the run where there are none)."""
     config = result.config
     out = dict(config=config.name, family=config.family, threshold=config.threshold,
                compiled=config.compiled, note=config.note, error=result.error)
     if result.error:
         return out
     median_s = statistics.median(result.image_times)
+    eager_s = statistics.median(result.eager_times or baseline.image_times)
     reference = torch.cat(baseline.latents)
     max_err, psnr = demo.accuracy(torch.cat(result.latents), reference)
     skipped = [s for s in result.skipped if s is not None]
     warm = result.first_image_s - median_s if config.compiled else None
     out.update(
-        s_per_image=median_s, speedup_vs_eager=statistics.median(baseline.image_times) / median_s,
+        s_per_image=median_s, eager_s_per_image=eager_s, speedup_vs_eager=eager_s / median_s,
         skipped_per_image=statistics.mean(skipped) if skipped else None, steps=args.steps,
         compile_cold_s=result.cold_compile_s, compile_warm_s=warm,
         recompiles=result.recompiles, graph_breaks=result.graph_breaks,
