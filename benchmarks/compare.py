@@ -105,8 +105,9 @@ class Workload:
     name: str
     build: Callable[[], torch.nn.Module]  # a fresh denoiser (eval, on the device, in the dtype)
     conditions: list  # one dict per image, as `trained.sample` takes it
-    labels: list | None = None  # conditioned class per image (digits)
+    labels: list | None = None  # conditioned class per image (the trained models)
     classifier: object = None
+    model: trained.TrainedFlux | None = None  # the trained model's geometry, for its samples grid
 
 
 def dtype_for(device):
@@ -122,7 +123,7 @@ def trained_workload(name, args, classifier=None):
     conditions = [model.make_condition(label_encoder, torch.tensor([label]), 1000 + i)
                   for i, label in enumerate(labels)]
     return Workload(name, lambda: model.load(dtype=dtype, device=args.device)[0], conditions,
-                    labels, classifier)
+                    labels, classifier, model)
 
 
 def medium_workload(args):
@@ -291,7 +292,8 @@ def comfy_easycache(compiled):
     copy: EasyCache adds its cached difference to its input in place."""
 
     def setup(model, threshold, steps):
-        sys.path.insert(0, str(ROOT / "tests"))
+        if str(ROOT / "tests") not in sys.path:
+            sys.path.insert(0, str(ROOT / "tests"))
         import comfy_support
 
         if comfy_support.load_nodes() is None:
@@ -602,7 +604,7 @@ def write_samples_grid(path, results, workload):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    model = {"digits": digits, "photos": photos}[workload.name].MODEL
+    model = workload.model
     rows = [r for r in results if not r.error]
     width = len(workload.conditions) * model.side / 16 + 2.5
     fig, axes = plt.subplots(len(rows), 1, figsize=(width, len(rows) * max(0.5, model.side / 40)))
@@ -664,7 +666,7 @@ def main():
             params_m=sum(p.numel() for p in workload.build().parameters()) / 1e6,
             real_accuracy=real_accuracy if name == "digits" else None,
             rows=[row(r, baseline, workload, args) for r in results])
-        if workload.labels is not None:
+        if workload.model is not None:
             write_samples_grid(args.out.with_name(f"{args.out.name}-{name}.png"), results, workload)
     args.out.with_suffix(".json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     write_markdown(args.out.with_suffix(".md"), record)

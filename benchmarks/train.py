@@ -42,10 +42,9 @@ def parse_args():
     parser.add_argument("--out", type=Path, default=None, help="default: the model's weights file")
     args = parser.parse_args()
     dataset = DATASETS[args.model]
-    args.steps = args.steps or dataset.TRAINING["steps"]
-    args.batch = args.batch or dataset.TRAINING["batch"]
-    args.ema = args.ema or dataset.TRAINING["ema"]
-    args.out = args.out or dataset.MODEL.weights
+    for name, default in (*dataset.TRAINING.items(), ("out", dataset.MODEL.weights)):
+        if getattr(args, name) is None:  # not given: the model's own (--ema 0 is a value)
+            setattr(args, name, default)
     return args, dataset
 
 
