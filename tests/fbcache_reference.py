@@ -75,18 +75,46 @@ class ReferenceFBCache:
     def _base(self, name: str, first: dict) -> torch.Tensor:
         return self.bases[name](first) if name in self.bases else first[name]
 
+    def decide(self, signal: torch.Tensor) -> bool:
+        """The decision of one call, given its first-block residual on the main stream."""
+        skip = self._skip(signal)
+        self.decisions.append(skip)
+        if skip:
+            self.hits_in_row += 1
+        return skip
+
+    def skipped(self, first: dict) -> dict:
+        """The final streams of a skipped call: each stream's base plus its stored residual."""
+        return {name: self._base(name, first) + residual for name, residual in self._residuals().items()}
+
+    def computed(self, first: dict, final: dict, signal: torch.Tensor) -> None:
+        """What a computed call leaves for the calls after it."""
+        self.residuals = {name: final[name] - self._base(name, first) for name in final}
+        self.history = (self.history + [(self.calls, self.residuals, signal)])[-2:]
+        self.signal = signal
+        self.hits_in_row = 0
+
     def __call__(self, head, rest, tail, *inputs):
         block_input, first, aux = head(*inputs)
         signal = first[self.main] - block_input
-        skip = self._skip(signal)
-        if skip:
-            final = {name: self._base(name, first) + residual for name, residual in self._residuals().items()}
-            self.hits_in_row += 1
+        if self.decide(signal):
+            final = self.skipped(first)
         else:
             final = rest(dict(first), aux)
-            self.residuals = {name: final[name] - self._base(name, first) for name in final}
-            self.history = (self.history + [(self.calls, self.residuals, signal)])[-2:]
-            self.signal = signal
-            self.hits_in_row = 0
-        self.decisions.append(skip)
+            self.computed(first, final, signal)
         return tail(final, aux)
+
+
+class MarginReference(ReferenceFBCache):
+    """The reference, also keeping how far each compared change was from the threshold (a
+    test can then require its decisions to be far from it, where rounding cannot flip them)."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.margins: list[float] = []
+
+    def _skip(self, signal: torch.Tensor) -> bool:
+        if self.signal is not None and self.threshold > 0:
+            change = ((signal - self.signal).abs().mean() / self.signal.abs().mean()).item()
+            self.margins.append(abs(change - self.threshold) / self.threshold)
+        return super()._skip(signal)

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import wavepass
-from fbcache_reference import ReferenceFBCache
+from fbcache_reference import MarginReference
 from wavepass import notices
 
 IMAGE_CHANNELS = 4  # channels of the image input (and of the model's output)
@@ -420,19 +420,6 @@ scenarios = st.builds(
 
 # --- running a scenario ----------------------------------------------------------------------
 
-
-class MarginReference(ReferenceFBCache):
-    """The reference, also keeping how far each compared change was from the threshold."""
-
-    def reset(self) -> None:
-        super().reset()
-        self.margins: list[float] = []
-
-    def _skip(self, signal: torch.Tensor) -> bool:
-        if self.signal is not None and self.threshold > 0:
-            change = ((signal - self.signal).abs().mean() / self.signal.abs().mean()).item()
-            self.margins.append(abs(change - self.threshold) / self.threshold)
-        return super()._skip(signal)
 
 
 def run_reference(model: RandomDenoiser, scenario: Scenario, calls) -> tuple[MarginReference, list]:

@@ -10,9 +10,9 @@ container path form a *stack*.
     x_embedder, time_text_embed, pos_embed ...    (prologue)
     transformer_blocks.0  (FluxTransformerBlock)  1. transformer_blocks[0..1]
     transformer_blocks.1                             + single_transformer_blocks[0..1]
-    (top-level code: ControlNet adds)             2. single_transformer_blocks[0..1]
-    single_transformer_blocks.0 (FluxSingle...)      (the anchor alone)
-    single_transformer_blocks.1
+    (top-level code: ControlNet adds)             2., 3. transformer_blocks[0..1] and
+    single_transformer_blocks.0 (FluxSingle...)      single_transformer_blocks[0..1], each
+    single_transformer_blocks.1                      alone, by the work it caches
     norm_out, proj_out                            (epilogue)
 
     graph (SDXL-style UNet)
@@ -20,8 +20,9 @@ container path form a *stack*.
     conv_in, time_embedding                       (prologue)
     down_blocks.0 .. down_blocks.2                1. down_blocks[0..2] + up_blocks[0..2]
     mid_block (its resnets form a nested stack)      (mid_block runs inside the region)
-    up_blocks.0 .. up_blocks.2                    2. up_blocks[0..2]
-    conv_norm_out, conv_act, conv_out             (epilogue: the output head always runs)
+    up_blocks.0 .. up_blocks.2                    2., 3. up_blocks[0..2], down_blocks[0..2]
+    conv_norm_out, conv_act, conv_out             4. mid_block.resnets[0..1]
+                                                  (epilogue: the output head always runs)
 
 Rules (no table of model classes):
 - a stack holds two or more composite blocks (modules that call submodules, so a
@@ -34,14 +35,16 @@ Rules (no table of model classes):
   ran (`input_blocks.4` for the layers `input_blocks.4.0`, `input_blocks.4.1` that ComfyUI's
   UNet runs one by one without calling `input_blocks[4]` itself); the two agree for most
   models;
-- the *anchor* is the stack with the most nodes; the preferred region runs from the first to
-  the last of the anchor's sibling stacks (stacks held by the same parent module: FLUX's
-  dual and single stacks, a UNet's down and up blocks), with whatever runs between them;
-  a stack nested elsewhere (a text refiner inside a prologue module) is never a sibling;
-- the anchor alone is the fallback region, for when the partition pass cannot cut the
-  preferred one correctly;
+- a region is a contiguous run, in graph order, of sibling stacks (stacks held by the same
+  parent module: FLUX's dual and single stacks, a UNet's down and up blocks), with whatever
+  runs between them; a single stack is a run of one, so every stack is a region of its own
+  (a stack nested elsewhere, like a text refiner inside a prologue module, is never a
+  sibling of the main ones). Every region at either level is offered: the partition pass
+  takes the first it can cut correctly, so a second, smaller stack that the cut cannot take
+  (a decoder head over patches after the main stacks) costs only itself;
 - regions are preferred by the work they cache: the most nodes after the first block, up
-  to the end of the last (at either level; ties keep the first level).
+  to the end of the last (ties keep the first level, then graph order); at most
+  `MAX_REGIONS` are offered, which bounds the partition attempts.
 """
 
 from __future__ import annotations
@@ -90,8 +93,13 @@ class BlockLayout:
                          for stack in self.stacks)
 
 
+# At most this many regions are offered: each costs the partition pass one attempt.
+MAX_REGIONS = 16
+
+
 def find_blocks(gm: GraphModule) -> list[BlockLayout]:
-    """The regions worth caching, best first; raise `NoRepeatedBlocks` if there is none."""
+    """The regions worth caching, best first (at most `MAX_REGIONS`); raise
+    `NoRepeatedBlocks` if there is none."""
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     position = {node: i for i, node in enumerate(nodes)}
     layouts: dict[BlockLayout, None] = {}
@@ -105,17 +113,20 @@ def find_blocks(gm: GraphModule) -> list[BlockLayout]:
             "two or more blocks from an nn.ModuleList); if the blocks sit behind a graph "
             "break, remove it (compile with fullgraph=True to see where it is)"
         )
-    return sorted(layouts, key=lambda layout: -_cached_work(layout, position))
+    return sorted(layouts, key=lambda layout: -_cached_work(layout, position))[:MAX_REGIONS]
 
 
 def _layouts(stacks: list[tuple[Block, ...]]) -> list[BlockLayout]:
-    """The anchor's sibling stacks, then the anchor alone."""
-    anchor = max(stacks, key=lambda stack: sum(len(b.nodes) for b in stack))
-    siblings = tuple(s for s in stacks if _parent(s) == _parent(anchor))
-    layouts = [BlockLayout(siblings)]
-    if len(siblings) > 1:
-        layouts.append(BlockLayout((anchor,)))
-    return layouts
+    """Every contiguous run of sibling stacks (in graph order), single stacks included."""
+    siblings: dict[str, list[tuple[Block, ...]]] = defaultdict(list)
+    for stack in stacks:
+        siblings[_parent(stack)].append(stack)
+    return [
+        BlockLayout(tuple(group[start:stop]))
+        for group in siblings.values()
+        for start in range(len(group))
+        for stop in range(start + 1, len(group) + 1)
+    ]
 
 
 def _cached_work(layout: BlockLayout, position: dict[Node, int]) -> int:

@@ -105,6 +105,46 @@ def is_tensor(node: Node) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 
 
+def carries_data(node: Node) -> bool:
+    """Whether `node` holds data (a tensor, or a tuple of them), not a size or another number."""
+    return not isinstance(example_value(node), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+# `operator` functions by the name of the op they run (in place or not).
+_OPERATORS = {"iadd": "add", "isub": "sub", "imul": "mul", "truediv": "div", "itruediv": "div"}
+
+
+def op_name(node: Node) -> str | None:
+    """The op a call runs, one name for its function, method, operator and in-place forms:
+    `torch.addcmul(x, ..)`, `x.addcmul(..)`, `x.addcmul_(..)` -> "addcmul"; `x + y`, `x += y`,
+    `torch.add(x, y)`, `x.add_(y)` -> "add"; `x / 2`, `torch.div(x, 2)` -> "div"."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", None)
+        if isinstance(name, str) and getattr(operator, name, None) is node.target:
+            name = _OPERATORS.get(name, name)
+    else:
+        return None
+    if not isinstance(name, str):
+        return None
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def depends_on(node: Node, sources: set[Node]) -> bool:
+    """Whether the data of `node` is computed from one of `sources` (or is one)."""
+    seen: set[Node] = set()
+    todo = [node]
+    while todo:
+        value = todo.pop()
+        if value in sources:
+            return True
+        if value not in seen:
+            seen.add(value)
+            todo.extend(n for n in value.all_input_nodes if carries_data(n))
+    return False
+
+
 def same_sizes(a: Node, b: Node) -> bool:
     """Two tensors of provably the same sizes (symbolic sizes must be known equal)."""
     va, vb = example_value(a), example_value(b)

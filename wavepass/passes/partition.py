@@ -18,11 +18,32 @@ that ran `rest`), which is First Block Cache. The cut is correct when, and only 
 - every value `rest` hands on is a tensor that continues one first-block output `s_j`
   (along a residual path, found by `find_streams.trace_stream`), or a concatenation of them
   (`cat((txt0, img0))` where two stacks are joined: then `o_j = cat(...) + r_j`), or, where
-  no path exists, as in a UNet, the last first-block output of its shape; and the first
-  block computes the largest one (its change is the signal);
+  no path exists, as in a UNet, the last first-block output of its shape. A first-block
+  output is a value the first block computes, or one of its inputs it writes in place
+  (`x[:, :n] += y; return x` keeps the node of `x`);
 - values computed inside `rest`'s range that do not depend on the streams (e.g. a ControlNet
   sample picked by index) are needed by `tail` on skipped steps: they move to `head`;
-- `rest` writes in place into no value that `tail` reads or the caller sees.
+- `rest` writes in place into no value that the caller sees, and into none that `tail`
+  reads but through the value's own node (a stream updated only in place, whose node
+  `rest` then hands on as it hands on the values it computes);
+- the deciding first-block output (below) has an input to the first block on a residual
+  path within it (`trace_stream`): the signal is its output minus that input, and never
+  another value (no path: `UnsafeCut`, the model runs uncached with that reason).
+
+The deciding stream is chosen by data flow, never by shape or size:
+
+1. the first-block outputs that the model's output is computed from: walk back from the
+   graph's output through the epilogue (`find_streams.read_regions`, which keeps the region a
+   slice reads across ops that keep the sliced dimension apart) to the values `rest` hands on,
+   and from each to the first-block output its stream continues, or, for a joined stream, the
+   parts of its `cat` that the region read overlaps (ComfyUI's Flux: the epilogue reads
+   `h[:, T:]` of `cat((txt0, img0))`: `img0`, however long the text is);
+2. if there are several (an epilogue that reads the image and the text), the ones whose input
+   to the first block is computed, in the prologue, from a *latent input*: an activation input
+   of the graph (not a parameter) that one of its output tensors has the sizes of, the noisy
+   latent a denoiser returns a prediction for (the image stream; the text comes from the
+   prompt embedding);
+3. last resort, where that leaves several (or none qualifies): the latest in graph order.
 
 Otherwise the pass raises `UnsafeCut` with the reason. In-place block code (ComfyUI's blocks
 do `img += ...`) is kept correct by copies: the first block's input is copied before the block
@@ -41,12 +62,12 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from .. import torch_api
 from .errors import UnsafeCut
 from .find_blocks import BlockLayout
-from .find_streams import disjoint, slice_region, trace_concatenation, trace_stream
+from .find_streams import disjoint, parts_read, read_regions, slice_region, trace_concatenation, trace_stream
 from .fx_facts import (
-    alias_root, example_value, inputs_of, is_inplace, is_tensor, same_shape, size_inputs, written_bases,
+    alias_root, depends_on, example_value, inputs_of, is_inplace, is_tensor, same_shape, same_sizes,
+    size_inputs, written_bases,
 )
 
 
@@ -84,6 +105,7 @@ class CachedPartition:
 
 
 def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
+    """Cut `gm` around the blocks of `layout`; raise `UnsafeCut` where the cut is not correct."""
     nodes = list(gm.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     placeholders = tuple(n for n in nodes if n.op == "placeholder")
@@ -93,32 +115,39 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
 
     output = nodes[-1]
     first_block = nodes[first_start : head_end + 1]
+    block_inputs = [n for n in inputs_of(first_block, set(first_block)) if is_tensor(n)]
+    first_outputs = set(first_block) | (written_bases(first_block) & set(block_inputs))
     head = [n for n in nodes[: head_end + 1] if n.op != "placeholder"]
     rest = [n for n in nodes[head_end + 1 : rest_end + 1] if n.op != "placeholder"]
     tail = [n for n in nodes[rest_end + 1 : -1] if n.op != "placeholder"]
     tail_set = set(tail) | {output}
 
-    hoisted = _stream_free_values_for_tail(rest, tail_set, set(first_block))
+    hoisted = _stream_free_values_for_tail(rest, tail_set, first_outputs)
     head += hoisted
     rest = [n for n in rest if n not in set(hoisted)]
     rest_set = set(rest)
-    _check_no_outside_writes(nodes, rest, rest_set, tail_set)
+    written_for_tail = _values_rest_writes_for_tail(nodes, rest, rest_set, tail_set)
 
-    results = [n for n in rest if any(user in tail_set for user in n.users)]
+    results = [n for n in rest if any(user in tail_set for user in n.users)] + written_for_tail
     sources = sorted((n for n in inputs_of(rest, rest_set) if is_tensor(n)), key=position.__getitem__)
-    streams = tuple(_stream_of(result, sources, set(first_block), rest_set) for result in results)
+    streams = tuple(_stream_of(result, sources, first_outputs, rest_set) for result in results)
     if not streams:
         raise UnsafeCut("the epilogue reads nothing the blocks computed; nothing to cache")
-    main = max(streams, key=lambda s: _numel_hint(s.result))
-    signal_source = max(main.sources, key=_numel_hint)
-    if signal_source not in first_block:
+    deciding = _deciding_outputs(streams, output, tail_set, first_outputs, layout)
+    inputs = {source: trace_stream(source, block_inputs, set(first_block)) for source in deciding}
+    if len(deciding) > 1:
+        latents = _latent_inputs(placeholders, output)
+        from_latent = [s for s in deciding if inputs[s] is not None and depends_on(inputs[s], latents)]
+        deciding = from_latent or deciding
+    signal_source = max(deciding, key=position.__getitem__)
+    signal_input = inputs[signal_source]
+    if signal_input is None:
         raise UnsafeCut(
-            f"the first block ({layout.first_block.path}) does not compute the stream the "
-            "epilogue reads"
+            f"the input of the stream that decides (`{signal_source.name}`) to the first block "
+            f"({layout.first_block.path}) cannot be traced: no residual path (`x + f(x)`, "
+            "`addcmul(x, ...)`, ...) leads from its output back to an input of the block, so its "
+            "residual cannot be measured"
         )
-
-    block_inputs = [n for n in inputs_of(first_block, set(first_block)) if is_tensor(n)]
-    signal_input = trace_stream(signal_source, block_inputs, set(first_block))
 
     head_outputs = tuple(n for n in head if any(u in rest_set or u in tail_set for u in n.users))
     head_piece = _build_head(gm, head, head_outputs, signal_source, signal_input, first_block[0])
@@ -127,12 +156,43 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
     return CachedPartition(placeholders, head_piece, rest_piece, tail_piece, streams, signal_source, layout)
 
 
-def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_block: set[Node]) -> list[Node]:
-    """Nodes of `rest` that `tail` needs and that do not depend on the first block's work."""
+def _deciding_outputs(streams: tuple[Stream, ...], output: Node, tail: set[Node], first_outputs: set[Node],
+                      layout: BlockLayout) -> list[Node]:
+    """The first-block outputs that the graph's output is computed from (rule 1 above)."""
+    reads = read_regions(output, {s.result for s in streams}, tail)
+    found: dict[Node, None] = {}
+    for stream in streams:
+        for region in reads.get(stream.result, ()):
+            parts = stream.sources if stream.dim is None else parts_read(stream.sources, stream.dim, region)
+            found.update(dict.fromkeys(p for p in parts if p in first_outputs))
+    if not found:
+        raise UnsafeCut(
+            f"the model's output is computed from no value that the first block "
+            f"({layout.first_block.path}) computes; no residual of it can decide"
+        )
+    return list(found)
+
+
+def _latent_inputs(placeholders: tuple[Node, ...], output: Node) -> set[Node]:
+    """The graph's activation inputs (not parameters) that one of its output tensors has the
+    sizes of: the latent a denoiser predicts for."""
+    outputs = [n for n in output.all_input_nodes if is_tensor(n)]
+    return {
+        p for p in placeholders
+        if is_tensor(p) and not isinstance(example_value(p), torch.nn.Parameter)
+        and any(same_sizes(p, o) for o in outputs)
+    }
+
+
+def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_outputs: set[Node]) -> list[Node]:
+    """Nodes of `rest` that `tail` needs and that depend neither on the first block's work nor
+    on a value the blocks write in place (in `head` they would read it unwritten)."""
+    written = written_bases(rest)
     depends: dict[Node, bool] = {}
     for node in rest:
         depends[node] = any(
-            a in first_block or depends.get(a, False) for a in node.all_input_nodes
+            a in first_outputs or alias_root(a) in written or depends.get(a, False)
+            for a in node.all_input_nodes
         )
     needed: set[Node] = set()
     todo = [n for n in rest if not depends[n] and any(u in tail for u in n.users)]
@@ -142,9 +202,10 @@ def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_block:
             continue
         needed.add(node)
         todo.extend(a for a in node.all_input_nodes if a in depends)
-    # A tuple-valued node (split, chunk) in head is read through getitem: move the getitems too.
+    # A tuple-valued node (split, chunk) in head is read through getitem: move the getitems too
+    # (not a slice of a tensor, a view that the blocks may write through: `img[:, :n] += c`).
     for node in rest:
-        if node.target is operator.getitem and node.args[0] not in depends:
+        if node.target is operator.getitem and node.args[0] not in depends and not is_tensor(node.args[0]):
             needed.add(node)
     moved = [n for n in rest if n in needed]
     for node in moved:
@@ -155,23 +216,31 @@ def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_block:
     return moved
 
 
-def _check_no_outside_writes(nodes: list[Node], rest: list[Node], rest_set: set[Node], tail: set[Node]) -> None:
-    """`rest` may write in place only into values (and views of them) that nothing after it reads."""
+def _values_rest_writes_for_tail(nodes: list[Node], rest: list[Node], rest_set: set[Node],
+                                 tail: set[Node]) -> list[Node]:
+    """Values from before `rest` that it writes in place and `tail` reads: `rest` hands them on
+    (the copies it writes, see `_build`), as it hands on the values it computes.
+
+    A block that updates its stream only in place (`x[:, :n] += y; return x`) keeps the node of
+    `x`: the value after the blocks is `x`'s node. `rest` may write in place only into such
+    values, or into values that nothing after it reads: a write the caller sees (into a graph
+    input), or one `tail` reads through another alias (a view made before `rest`), would be
+    left undone by a skipped step.
+    """
     written = written_bases(rest) - rest_set
-    if not written:
-        return
     for node in nodes:
         root = alias_root(node)
         if root in written and node not in rest_set and (
-            root.op == "placeholder" or any(user in tail for user in node.users)
+            root.op == "placeholder" or (node is not root and any(user in tail for user in node.users))
         ):
             raise UnsafeCut(
                 f"the blocks write in place into `{root.name}`, which the model's caller or its "
                 "epilogue reads; a skipped step would leave it unwritten"
             )
+    return [node for node in nodes if node in written and any(user in tail for user in node.users)]
 
 
-def _stream_of(result: Node, sources: list[Node], first_block: set[Node], rest: set[Node]) -> Stream:
+def _stream_of(result: Node, sources: list[Node], first_outputs: set[Node], rest: set[Node]) -> Stream:
     """The first-block output(s) that `result` continues.
 
     Along a residual path if there is one (a first-block output before any other value, such
@@ -184,7 +253,7 @@ def _stream_of(result: Node, sources: list[Node], first_block: set[Node], rest: 
         raise UnsafeCut(
             f"the epilogue reads `{result.name}` from between the blocks, which is not a tensor"
         )
-    from_block = [s for s in sources if s in first_block]
+    from_block = [s for s in sources if s in first_outputs]
     source = trace_stream(result, from_block, rest) or trace_stream(result, sources, rest)
     if source is not None:
         return Stream((source,), result)
@@ -198,11 +267,6 @@ def _stream_of(result: Node, sources: list[Node], first_block: set[Node], rest: 
             "residual path or concatenation of them leads back to one and none has its shape"
         )
     return Stream((same_shape_outputs[-1],), result)
-
-
-def _numel_hint(node: Node) -> int:
-    """Elements of a value, from the size hint for symbolic sizes (no guard is added)."""
-    return torch_api.optimization_hint(example_value(node).numel(), fallback=0)
 
 
 def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None) -> Piece:
@@ -270,7 +334,7 @@ def _sub(graph: Graph, a: Node, b: Node, name: str) -> Node:
     return graph.create_node("call_function", torch.sub, (a, b), name=name)
 
 
-def _build_head(gm, head, outputs, signal_source: Node, signal_input: Node | None, first_node: Node) -> Piece:
+def _build_head(gm, head, outputs, signal_source: Node, signal_input: Node, first_node: Node) -> Piece:
     """Head = prologue + first block; it also returns the signal that decides a skip.
 
     The first block's input is copied before the block runs: in-place block code would
@@ -279,14 +343,11 @@ def _build_head(gm, head, outputs, signal_source: Node, signal_input: Node | Non
     copies: dict[str, Node] = {}
 
     def before(graph, env, node):
-        if node is first_node and signal_input is not None:
+        if node is first_node:
             copies["input"] = _copy(graph, env[signal_input], "wavepass_block_input")
 
     def after(graph, env, placeholders):
-        output = env[signal_source]
-        if signal_input is None:
-            return (_copy(graph, output, "wavepass_signal"),)
-        return (_sub(graph, output, copies["input"], "wavepass_signal"),)
+        return (_sub(graph, env[signal_source], copies["input"], "wavepass_signal"),)
 
     return _build(gm, head, inputs_of(head, set(head)), outputs, before=before, after=after)
 
