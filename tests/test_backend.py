@@ -175,6 +175,29 @@ def test_reset_starts_a_new_generation(flux, no_fallback):
     torch.testing.assert_close(latent, first_latent, atol=0, rtol=0)
 
 
+def test_two_models_alternating_on_one_graph_each_keep_their_state(no_fallback):
+    """Two checkpoints of one architecture run one compiled graph (Dynamo guards on the
+    structure, not on which weights): called in turn, each is decided against its own history
+    and keeps its own stats, as two processes would."""
+    cases = models.flux(), models.flux(seed=1)
+    threshold = cases[0].mixed_threshold
+    runs = [compiled(case.model, residual_diff_threshold=threshold, compiler="eager") for case in cases]
+    caches = [ReferenceFBCache(threshold) for _ in cases]
+    latents = [case.inputs[case.latent_key] for case in cases]
+    counters.clear()
+    for t in torch.linspace(1, 0, STEPS + 1)[:-1]:
+        for i, case in enumerate(cases):
+            timestep = (t * case.timestep_scale).expand(1)
+            out = runs[i](**case.call_kwargs(latents[i], timestep))[0]
+            expected = case.reference_call(caches[i], latents[i], timestep)
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+            latents[i] = latents[i] - out / STEPS
+    assert counters["stats"]["unique_graphs"] == 1  # one graph serves both
+    for case, cache in zip(cases, caches):
+        assert wavepass.stats(case.model).decisions == tuple(cache.decisions)
+        assert any(cache.decisions)
+
+
 def test_cache_context_keeps_separate_state(flux, no_fallback):
     """CFG as two calls per step: each branch is decided against its own history."""
     model = compiled(flux.model, residual_diff_threshold=flux.mixed_threshold, compiler="eager")

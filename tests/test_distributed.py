@@ -173,10 +173,21 @@ def run_wan(parallel: bool) -> dict:
     return result
 
 
-def run_disagreement(parallel: bool) -> dict:
+def break_every_block(model: torch.nn.Module) -> None:
+    """A graph break inside each of Flux's double blocks (before its attention): Dynamo runs
+    the forward as Python and compiles each block's frames alone, the split path
+    (`stack_cache`), which caches the double blocks."""
+    for block in model.transformer_blocks:
+        block.attn.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
+
+
+def run_disagreement(parallel: bool, split: bool = False) -> dict:
     """Flux called with the first half of its image tokens fixed and the second half moved by
-    AMPLITUDES: under Ulysses, rank 0 holds the still half and rank 1 the moving one."""
+    AMPLITUDES: under Ulysses, rank 0 holds the still half and rank 1 the moving one.
+    `split`: with a graph break in every block."""
     case = models.flux()
+    if split:
+        break_every_block(case.model)
     if parallel:
         enable_ulysses(case.model)
     compiled = torch.compile(case.model, backend="wavespeed",
@@ -190,7 +201,8 @@ def run_disagreement(parallel: bool) -> dict:
             x = base.clone()
             x[:, half:] += amplitude * torch.randn(x[:, half:].shape, generator=g)
             outputs.append(compiled(**case.call_kwargs(x, torch.tensor([0.5])))[0])
-    return dict(outputs=torch.stack(outputs), stats=stats_of(case.model), ratios=ratios)
+    programs = sorted(type(p).__name__ for p in runtime.programs_of(case.model))
+    return dict(outputs=torch.stack(outputs), stats=stats_of(case.model), ratios=ratios, programs=programs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +275,7 @@ SCENARIOS = {
     "flux_pipeline_inductor": lambda rank: run_flux_pipeline(parallel=True, compile=True),
     "wan": lambda rank: run_wan(parallel=True),
     "disagreement": lambda rank: run_disagreement(parallel=True),
+    "disagreement_split": lambda rank: run_disagreement(parallel=True, split=True),
     "reducer": scenario_reducer,
     "failure": scenario_failure,
 }
@@ -382,7 +395,8 @@ def single_process(name: str) -> dict:
     with torch.no_grad():
         result = {"flux_pipeline": lambda: run_flux_pipeline(parallel=False),
                   "wan": lambda: run_wan(parallel=False),
-                  "disagreement": lambda: run_disagreement(parallel=False)}[name]()
+                  "disagreement": lambda: run_disagreement(parallel=False),
+                  "disagreement_split": lambda: run_disagreement(parallel=False, split=True)}[name]()
     return _plain(result)
 
 
@@ -446,6 +460,26 @@ def test_shards_that_would_disagree_make_one_decision(workers):
     assert_one_decision(ranks, single, DISAGREEMENT_THRESHOLD)
     for result in ranks:
         assert not result["warnings"], result["warnings"]
+        np.testing.assert_allclose(result["outputs"], single["outputs"], rtol=1e-4, atol=1e-5)
+
+
+def test_split_stack_shards_that_would_disagree_make_one_decision(workers):
+    """The same with a graph break in every block: the split path reduces its decision over
+    the process groups its fragments communicate over, as the one-graph path does."""
+    pair = workers()
+    single = single_process("disagreement_split")
+    assert single["programs"] == ["StackCache"], single["programs"]
+    ranks = pair.run("disagreement_split")
+    own = [[mine for mine, _ in result["ratios"]] for result in ranks]
+    would_differ = [i for i, (a, b) in enumerate(zip(*own))
+                    if (a < DISAGREEMENT_THRESHOLD) != (b < DISAGREEMENT_THRESHOLD)]
+    assert would_differ, own
+    assert_one_decision(ranks, single, DISAGREEMENT_THRESHOLD)
+    for result in ranks:
+        assert result["programs"] == ["StackCache"], result["programs"]
+        # (diffusers' context-parallel hook around the forward is a frame of its own here: its
+        # graph holds no blocks and says so, as any graph outside the stack does)
+        assert not [w for w in result["warnings"] if "no stack of repeated blocks" not in w], result["warnings"]
         np.testing.assert_allclose(result["outputs"], single["outputs"], rtol=1e-4, atol=1e-5)
 
 

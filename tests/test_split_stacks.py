@@ -4,7 +4,9 @@ A graph break inside a block (a data-dependent `nonzero`, MoE routing, `.item()`
 or between blocks makes Dynamo run the model's forward as Python and compile each block's
 frames on their own; `wavepass.stack_cache` then caches around the stack. Every test
 compares against `ReferenceFBCache` (tests/fbcache_reference.py), written without wavepass,
-decision for decision, and many runs share one process as a user's session does.
+decision for decision, and many runs share one process as a user's session does. `GlueStack`
+(dual streams returned text first, controls between blocks, blocks that write in place) is
+also compared with the one-graph path: the same weights without graph breaks.
 """
 
 from __future__ import annotations
@@ -244,11 +246,11 @@ def test_blocks_that_do_not_continue_their_inputs_fall_back_and_say_why():
     model = Widening()
     compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
     x = torch.randn(1, 4, WIDTH)
-    with torch.no_grad(), pytest.warns(wavepass.WavespeedWarning, match="has no argument of its shape"):
+    with torch.no_grad(), pytest.warns(wavepass.WavespeedWarning, match="which does not have its shape"):
         for _ in range(3):
             torch.testing.assert_close(compiled(x), model(x))
     stats = wavepass.stats(model)
-    assert stats.hits == 0 and "has no argument of its shape" in stats.reason
+    assert stats.hits == 0 and "which does not have its shape" in stats.reason
 
 
 def test_another_model_of_the_class_is_cached_too_and_eager_calls_never_skip():
@@ -358,3 +360,286 @@ def test_extrapolating_policies_match_their_reference_on_the_split_path(threshol
         reference = ReferenceFBCache(threshold, main="x", policy=policy)
         decisions = _run_against_reference(model, compiled, threshold, steps, reference)
     assert any(decisions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams by role, code between blocks, blocks that write in place: the split path against the
+# one-graph path (the same model with no graph breaks) and the reference, call by call
+# ---------------------------------------------------------------------------------------------
+
+class GlueBlock(torch.nn.Module):
+    """`BreakingBlock`'s maths on x, reading `txt`; `dual`: also updates `txt` and returns
+    `(txt, x)` (the order of diffusers' Flux blocks); `inplace`: updates its arguments in place
+    (`x += ...`, as ComfyUI's Flux blocks do) and returns them."""
+
+    def __init__(self, breaks: tuple, dual: bool, inplace: bool) -> None:
+        super().__init__()
+        self.breaks, self.dual, self.inplace = breaks, dual, inplace
+        self.fc1, self.fc2 = torch.nn.Linear(WIDTH, 2 * WIDTH), torch.nn.Linear(2 * WIDTH, WIDTH)
+        self.txt_fc = torch.nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor, txt: torch.Tensor, cond: torch.Tensor):
+        if 0 in self.breaks:
+            torch._dynamo.graph_break()
+        h = torch.nn.functional.gelu(self.fc1(x + cond + 0.5 * txt))
+        if 1 in self.breaks:
+            active = (h[..., 0] == h[..., 0]).nonzero()
+            h = h * (1.0 + 0.0 * active.shape[0])
+        if "item" in self.breaks:
+            h = h * (1.0 + 0.0 * h.sum().item())
+        dx = 0.3 * self.fc2(h)
+        dt = 0.3 * torch.tanh(self.txt_fc(txt + x))
+        if self.inplace:
+            x += dx
+            if self.dual:
+                txt += dt
+        else:
+            x = x + dx
+            txt = txt + dt
+        if 2 in self.breaks:
+            torch._dynamo.graph_break()
+        return (txt, x) if self.dual else x
+
+
+class GlueStack(torch.nn.Module):
+    """embed -> blocks -> head, with as many text as image tokens; `control` after each block:
+    "inplace" (`x[:, :2] += c`, ComfyUI's Flux ControlNet) or "new" (`x = x + c`, a new
+    tensor between blocks, as diffusers' Flux ControlNet)."""
+
+    def __init__(self, blocks: list[tuple], between: tuple[int, ...] = (), dual: bool = False,
+                 inplace: bool = False, control: str | None = None) -> None:
+        super().__init__()
+        self.between, self.dual, self.control_kind = between, dual, control
+        self.embed, self.text = torch.nn.Linear(WIDTH, WIDTH), torch.nn.Linear(WIDTH, WIDTH)
+        self.time = torch.nn.Linear(1, WIDTH)
+        self.blocks = torch.nn.ModuleList(GlueBlock(b, dual, inplace) for b in blocks)
+        self.control = torch.nn.Parameter(0.2 * torch.randn(len(blocks), 2, WIDTH))
+        self.head = torch.nn.Linear(WIDTH, WIDTH)
+
+    def without_breaks(self) -> GlueStack:
+        """The same model (its weights) without a graph break: the one-graph path."""
+        other = GlueStack([()] * len(self.blocks), (), self.dual, self.blocks[0].inplace, self.control_kind)
+        other.load_state_dict(self.state_dict())
+        return other
+
+    def _control(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if self.control_kind == "inplace":
+            x[:, :2] += self.control[i]
+        elif self.control_kind == "new":
+            x = x + torch.nn.functional.pad(self.control[i], (0, 0, 0, x.shape[1] - 2))
+        return x
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        cond = torch.tanh(self.time(t[:, None, None]))
+        txt = self.text(x.flip(1))
+        x = self.embed(x)
+        for i, block in enumerate(self.blocks):
+            if i in self.between:
+                torch._dynamo.graph_break()
+            if self.dual:
+                txt, x = block(x, txt, cond)
+            else:
+                x = block(x, txt, cond)
+            x = self._control(i, x)
+        return self.head(x)
+
+    def stages(self):
+        """The reference's stages: everything from after block 0 to the end of the last block
+        is the cached region (the control after block 0 too, the one after the last not)."""
+        def head(x, t):
+            cond = torch.tanh(self.time(t[:, None, None]))
+            txt = self.text(x.flip(1))
+            h = self.embed(x)
+            block_input, txt_input = h.clone(), txt.clone()
+            out = self.blocks[0](h, txt, cond)
+            first = {"txt": out[0].clone(), "x": out[1].clone()} if self.dual else {"x": out.clone()}
+            return block_input, first, (cond, txt_input)
+
+        def rest(first, aux):
+            cond, txt = aux
+            x, txt = first["x"].clone(), first.get("txt", txt).clone()  # blocks may write in place
+            x = self._control(0, x)
+            for i, block in enumerate(self.blocks[1:], 1):
+                if self.dual:
+                    txt, x = block(x, txt, cond)
+                else:
+                    x = block(x, txt, cond)
+                if i < len(self.blocks) - 1:
+                    x = self._control(i, x)
+            return {"x": x}
+
+        def tail(final, aux):
+            return self.head(self._control(len(self.blocks) - 1, final["x"].clone()))
+
+        return head, rest, tail
+
+
+def _outputs_and_decisions(model, compiled, threshold, steps):
+    wavepass.reset(model)
+    outputs = []
+    with wavepass.cache_settings(residual_diff_threshold=threshold):
+        for x, t in steps:
+            outputs.append(compiled(x, t))
+    return outputs, list(wavepass.stats(model).decisions), wavepass.stats(model).reason
+
+
+def _split_one_graph_reference(model, threshold, steps):
+    """The split path (`model`, with its graph breaks), the one-graph path (its weights without
+    graph breaks) and the reference, call by call: each output and decision alike."""
+    one_graph = model.without_breaks()
+    results = []
+    for m in (model, one_graph):
+        compiled = torch.compile(m, backend="wavespeed", options={"compiler": "eager"})
+        compiled(*steps[0])  # the stack is learned during the first call
+        results.append(_outputs_and_decisions(m, compiled, threshold, steps))
+    reference = ReferenceFBCache(threshold, main="x")
+    expected = [reference(*model.stages(), x, t) for x, t in steps]
+    (split, split_decisions, split_reason), (whole, whole_decisions, whole_reason) = results
+    assert split_reason is None and whole_reason is None, (split_reason, whole_reason)
+    assert split_decisions == whole_decisions == reference.decisions
+    for got, same, want in zip(split, whole, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(same, want, rtol=1e-5, atol=1e-5)
+    return reference.decisions
+
+
+def _gradual(count: int, size: float = 0.01, seed: int = 0):
+    """Inputs that change slowly, so that some calls skip at threshold 0.2."""
+    generator = torch.Generator().manual_seed(seed)
+    x, direction = torch.randn(1, 4, WIDTH, generator=generator), torch.randn(1, 4, WIDTH, generator=generator)
+    return [(x + size * i * direction, torch.full((1,), 1.0 - 0.02 * i)) for i in range(count)]
+
+
+def test_dual_streams_returned_text_first_with_equal_lengths_keep_their_roles():
+    """Blocks return `(txt, img)` with as many text as image tokens: a pairing by shape hands
+    the streams back swapped on skipped calls; by identity, each keeps its role."""
+    torch.manual_seed(5)
+    model = GlueStack([(1,)] * 4, dual=True)
+    decisions = _split_one_graph_reference(model, 0.2, _gradual(8))
+    assert any(decisions) and not all(decisions)
+
+
+def test_an_inplace_control_between_blocks_belongs_to_the_cached_region():
+    """`x[:, :2] += control` after every block (ComfyUI's Flux ControlNet): a skipped call
+    returns block 0's output + residual, the residual holding the controls, as the one-graph
+    path does (the controls are not added again on top of it)."""
+    torch.manual_seed(6)
+    model = GlueStack([(1,)] * 4, dual=True, control="inplace")
+    decisions = _split_one_graph_reference(model, 0.2, _gradual(8))
+    assert any(decisions)
+
+
+def test_new_tensors_between_blocks_of_a_single_stream_are_its_stream():
+    """One stream, which the code between blocks rebuilds (`x = x + control`, HiDream's
+    concatenate and slice): there is nothing to confuse it with; cached like the one-graph path."""
+    torch.manual_seed(7)
+    model = GlueStack([(1,)] * 4, control="new")
+    assert any(_split_one_graph_reference(model, 0.2, _gradual(8)))
+
+
+def test_new_tensors_between_blocks_of_several_streams_turn_the_cache_off_and_say_why():
+    torch.manual_seed(8)
+    model = GlueStack([(1,)] * 3, dual=True, control="new")
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    steps = _gradual(5)
+    with pytest.warns(wavepass.WavespeedWarning, match="builds new tensors"):
+        for x, t in steps:
+            with wavepass.cache_settings(residual_diff_threshold=1.0):
+                torch.testing.assert_close(compiled(x, t), model(x, t))
+    stats = wavepass.stats(model)
+    assert stats.hits == 0 and stats.calls == len(steps) and "builds new tensors" in stats.reason
+
+
+@pytest.mark.parametrize("dual", [False, True])
+def test_a_first_block_that_updates_its_input_in_place_still_decides(dual):
+    """`img += ...` in every block: the signal is measured against a copy of block 0's
+    input (not `out - out = 0`, which never skips)."""
+    torch.manual_seed(9)
+    model = GlueStack([(1,)] * 4, dual=dual, inplace=True)
+    assert any(_split_one_graph_reference(model, 0.2, _gradual(8)))
+
+
+@settings(max_examples=10, **SLOW_EXAMPLES)
+@given(
+    blocks=st.lists(st.sets(st.sampled_from([0, 1, 2, "item"])).map(tuple), min_size=2, max_size=4),
+    between=st.sets(st.integers(0, 3)).map(tuple),
+    shape=st.sampled_from([(False, False, None), (True, False, None), (True, False, "inplace"),
+                           (False, True, None), (True, True, "inplace"), (False, False, "new"),
+                           (False, True, "inplace")]),
+    threshold=st.sampled_from([0.0, 0.05, 0.2, 0.5]),
+    size=st.sampled_from([0.0, 0.005, 0.02]),
+    count=st.integers(2, 7),
+    seed=st.integers(0, 2**16),
+)
+def test_random_glue_stacks_split_equal_one_graph_equal_reference(blocks, between, shape, threshold, size, count, seed):
+    """Dual or single streams, blocks in place or not, controls between blocks, graph breaks
+    at random places (or none): split path == one-graph path == reference, call by call."""
+    torch._dynamo.reset()
+    notices._warned.clear()
+    torch.manual_seed(seed)
+    dual, inplace, control = shape
+    model = GlueStack(blocks, between, dual=dual, inplace=inplace, control=control)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", wavepass.WavespeedWarning)
+        _split_one_graph_reference(model, threshold, _gradual(count, size, seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Removing the cache; threads
+# ---------------------------------------------------------------------------------------------
+
+def test_uninstall_restores_every_block_forward_exactly():
+    torch.manual_seed(10)
+    model = BreakingStack([(1,)] * 3)
+    wrapped = model.blocks[1].forward  # a forward replaced before the cache (as diffusers' hooks do)
+    model.blocks[1].forward = lambda *args, **kwargs: wrapped(*args, **kwargs)
+    before = [block.__dict__.get("forward") for block in model.blocks]
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    compiled(*next(_steps(1)))
+    assert all(block.__dict__.get("forward") is not b for block, b in zip(model.blocks, before))
+    wavepass.stack_cache.uninstall(compiled)
+    assert [block.__dict__.get("forward") for block in model.blocks] == before
+    assert wavepass.stats(model).calls == 0
+
+
+def test_remove_wavespeed_takes_the_cache_off_the_blocks():
+    from wavepass_diffusers import apply_wavespeed, remove_wavespeed
+
+    torch.manual_seed(11)
+    model = BreakingStack([(1,)] * 3)
+    pipe = type("Pipe", (), {})()
+    pipe.transformer = model
+    apply_wavespeed(pipe, compile=False)
+    model(*next(_steps(1)))
+    assert all("forward" in block.__dict__ for block in model.blocks)
+    remove_wavespeed(pipe)
+    assert not any("forward" in block.__dict__ for block in model.blocks)
+
+
+@pytest.mark.parametrize("breaks", [(), (1,)], ids=["one graph", "split"])
+def test_threads_in_the_default_context_keep_separate_state(breaks):
+    """Thread A computes then skips; thread B's first call, with A's inputs, computes: it has
+    nothing of its own stored (a shared default state would skip on A's residuals)."""
+    import gc
+    import threading
+
+    torch.manual_seed(12)
+    model = BreakingStack([breaks] * 3)
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    x, t = next(_steps(1))
+    compiled(x, t)
+    wavepass.reset(model)
+
+    def calls(n):
+        with torch.no_grad(), wavepass.cache_settings(residual_diff_threshold=0.5):
+            for _ in range(n):
+                compiled(x, t)
+
+    for n in (2, 1):
+        thread = threading.Thread(target=calls, args=(n,))
+        thread.start()
+        thread.join()
+    assert wavepass.stats(model).decisions == (False, True, False)
+    gc.collect()
+    (program,) = wavepass.runtime.programs_of(model)
+    assert not program._states._threads  # a thread's state goes with it

@@ -28,7 +28,7 @@ from torch.fx import GraphModule, Node
 
 from .compilers import compile_graph, compile_pieces, plain_fallback, records_cuda_graphs
 from .diagnosis import frame_outside
-from .distributed import decision_reducer
+from .distributed import collective_groups, decision_reducer
 from .module_stack import Stack, enclosing_stack, modules_on_call_stack
 from .options import CacheOptions
 from .passes.errors import CannotCache, NoRepeatedBlocks
@@ -75,12 +75,14 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
 
 def _fragment(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions, mode: str | None,
               stack: Stack) -> FragmentProgram:
-    """A graph of a frame inside `stack`, compiled as it is; the stack gets its cache."""
-    adopt(stack, wavespeed)
+    """A graph of a frame inside `stack`, compiled as it is; the stack gets its cache, which
+    reduces its decision over the process groups the graph communicates over."""
+    groups = collective_groups(gm)
+    adopt(stack, wavespeed, groups)
     running = {id(m) for m in modules_on_call_stack()}
     of_anchor_block = any(id(block) in running for block in stack.blocks)
     compiled = compile_graph(gm, example_inputs, opts, mode, name="fragment of a split stack")
-    return FragmentProgram(compiled, of_anchor_block, wavespeed)
+    return FragmentProgram(compiled, of_anchor_block, wavespeed, groups)
 
 
 def _uncached(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions, mode: str | None,
@@ -95,7 +97,9 @@ def _parameter_slots(example_inputs: Sequence[Any]) -> tuple[int, ...]:
 
 
 def _first_partition(gm: GraphModule) -> CachedPartition:
-    """Partition the most preferred block region that can be cut correctly."""
+    """Partition the first region `find_blocks` offers (the most cached work first, a bounded
+    number of them) that can be cut correctly; else `CannotCache` with each distinct reason,
+    the most preferred region's first."""
     reasons = []
     for layout in find_blocks(gm):
         try:

@@ -68,7 +68,12 @@ def decision_reducer(gm: GraphModule) -> Callable[[torch.Tensor], torch.Tensor] 
     every process the graph communicates with, the same bits in each. None when the graph
     runs in one process (no collectives, or only groups of one process): the decision then
     needs no communication."""
-    names = collective_groups(gm)
+    return reducer_over(collective_groups(gm))
+
+
+def reducer_over(names: tuple[str, ...]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`decision_reducer` for the process groups named `names` (in the order every process
+    met them): on the split path, the groups of every fragment of the model's frames."""
     if not names:
         return None
     import torch.distributed as dist

@@ -26,6 +26,9 @@ Rules (the same idea of a block as `passes/find_blocks.py`, read from modules, n
 - the container the cache is put around (`anchor`) is the owner's repeated container with
   the most parameters (the first on a tie): FLUX's single blocks, HiDream's single-stream
   blocks. The owner's other containers run every block, each compiled.
+- the owner's variables (`owner_variables`, read where block 0 is called): those of its
+  innermost running method, its parameters then its locals in the order its code names
+  them; the first that holds one of the blocks' streams is the main stream (`stack_cache`).
 Nothing here changes a module.
 """
 
@@ -59,6 +62,24 @@ def enclosing_stack() -> Stack | None:
     return Stack(owner, anchor(owner)) if owner is not None else None
 
 
+def owner_variables(owner: torch.nn.Module) -> list[object]:
+    """The values of the variables of the innermost method of `owner`'s own class on this
+    thread's call stack, in the order its code names them: its parameters after `self`, then
+    its locals in the order they first appear (empty where none runs). The first of them
+    that holds a stream of the blocks is the owner's main stream: diffusers'
+    `hidden_states = self.x_embedder(hidden_states)`, ComfyUI's `img = self.img_in(img)`, or
+    `img` of `img, txt = self.img_in(latent), self.txt_in(text)`."""
+    codes = _own_codes(type(owner))
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code in codes and code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is owner:
+            values = frame.f_locals
+            return [values[name] for name in (*code.co_varnames[1:], *code.co_cellvars) if name in values]
+        frame = frame.f_back
+    return []
+
+
 def modules_on_call_stack() -> list[torch.nn.Module]:
     """The modules whose methods are running on this thread, innermost first."""
     found: list[torch.nn.Module] = []
@@ -82,7 +103,7 @@ def _running_methods() -> list[tuple[torch.nn.Module, object]]:
     return found
 
 
-def _own_codes(cls: type) -> set[object]:
+def _own_codes(cls: type) -> frozenset[object]:
     """The code objects of the methods `cls` and its bases up to `nn.Module` define (and of
     what their decorators wrap)."""
     codes = set()
@@ -93,7 +114,7 @@ def _own_codes(cls: type) -> set[object]:
             for function in (value, getattr(value, "__wrapped__", None)):
                 if hasattr(function, "__code__"):
                     codes.add(function.__code__)
-    return codes
+    return frozenset(codes)
 
 
 def repeated_containers(owner: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

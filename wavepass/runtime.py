@@ -1,7 +1,20 @@
 """The cached program Dynamo calls, and all of wavepass's mutable state.
 
 One `CachedProgram` per compiled graph runs head, decides, then runs rest or adds the stored
-residuals, then runs tail. Its state is kept per cache context (see `cache_context`):
+residuals, then runs tail. `stack_cache.StackCache` (a stack split into several graphs) runs
+the same cycle around the blocks at the module level. Both are `DecidingProgram`s, and the
+cycle is the one they share:
+
+    state = program.begin(signature)          this context's state (cleared at a new signature)
+    skip = program.decide(state, signal, settings)     signal: the first block's residual
+    skip:     add state.residuals_now(settings) to the first block's outputs
+    computed: state.keep(signal, residuals, settings)  residuals: last outputs - first outputs
+    program.finish(skip)                      counted for `stats`
+    an exception between begin and finish: state.clear()
+
+Its state is kept per model that runs it (a `Ledger`: two checkpoints of one architecture run
+one compiled graph, each with a ledger of its own) and, within it, per cache context (see
+`cache_context`; the default context is one per thread):
 
     state        meaning                                           cleared when
     -----------  ------------------------------------------------  ---------------------------
@@ -18,8 +31,8 @@ The settings of the decision rule (`CacheSettings`: threshold, hit limit, warm-u
 read at every call: the program's defaults (the backend's `options=`), overridden by
 `cache_settings(...)` around the call. Changing them compiles nothing.
 
-Counting for `stats()` (calls, hits, recent decisions) is per program and cleared only by
-`reset()`. A graph the backend compiled without the cache (`UncachedProgram`) counts its
+Counting for `stats()` (calls, hits, recent decisions) is per program and model (its
+ledger) and cleared only by `reset()`. A graph the backend compiled without the cache (`UncachedProgram`) counts its
 calls with the reason; a call of a watched model that reached no program of ours at all
 (`watch`: Dynamo stopped compiling it) is counted against the model with the reason
 `diagnosis.py` finds. Passes and the backend hold no state; everything mutable lives here.
@@ -51,9 +64,10 @@ _skipping_allowed: ContextVar[bool] = ContextVar("wavepass_skipping_allowed", de
 _step_key: ContextVar[Any] = ContextVar("wavepass_step", default=None)
 _overrides: ContextVar[dict[str, Any]] = ContextVar("wavepass_cache_settings", default={})
 _sequence = itertools.count()
-_programs: weakref.WeakSet[_Program] = weakref.WeakSet()
+_programs: weakref.WeakSet[Program] = weakref.WeakSet()
 # calls of wavepass programs made by this thread, for `watch` to see whether any ran
 _ran = threading.local()
+_thread = threading.local()  # `key`: this thread's default cache context (see `ContextStates`)
 _watched: ContextVar[torch.nn.Module | None] = ContextVar("wavepass_watched", default=None)
 # per watched module: its calls that reached no wavepass program, and why
 _missed: weakref.WeakKeyDictionary[torch.nn.Module, _Missed] = weakref.WeakKeyDictionary()
@@ -137,8 +151,61 @@ def same_step(key: Any) -> Iterator[None]:
         _step_key.reset(token)
 
 
+def note_call() -> None:
+    """Record that a wavepass program ran a call on this thread (for `watch`)."""
+    _ran.calls = getattr(_ran, "calls", 0) + 1
+
+
+class _ThreadContext:
+    """The key of one thread's default cache context (weakly held: it goes with the thread)."""
+
+
+def context_key() -> str | _ThreadContext:
+    """The key of the cache context calls are made in now: its name, or, outside any named
+    context, this thread's own default context (threads do not share a default state)."""
+    name = _context.get()
+    if name != DEFAULT_CONTEXT:
+        return name
+    key = getattr(_thread, "key", None)
+    if key is None:
+        key = _thread.key = _ThreadContext()
+    return key
+
+
+class ContextStates:
+    """The `State` of each cache context of one program: named contexts by name, default
+    contexts per thread (an entry is dropped with its thread, so memory stays bounded)."""
+
+    def __init__(self, factory: Callable[[], State]) -> None:
+        self._factory = factory
+        self._named: dict[str, State] = {}
+        self._threads: weakref.WeakKeyDictionary[_ThreadContext, State] = weakref.WeakKeyDictionary()
+
+    def _table(self, key: str | _ThreadContext) -> dict:
+        return self._named if isinstance(key, str) else self._threads
+
+    def current(self) -> State:
+        """The state of the context calls are made in now (made on first use)."""
+        key = context_key()
+        table = self._table(key)
+        state = table.get(key)
+        if state is None:
+            state = table[key] = self._factory()
+        return state
+
+    def current_if_any(self) -> State | None:
+        key = context_key()
+        return self._table(key).get(key)
+
+    def clear(self) -> None:
+        self._named.clear()
+        self._threads.clear()
+
+
 @dataclass
-class _State:
+class State:
+    """What one cache context of one program keeps between calls (see the module docstring)."""
+
     signature: tuple | None = None
     signal: torch.Tensor | None = None
     residuals: tuple[torch.Tensor, ...] = ()
@@ -196,51 +263,95 @@ class Wiring:
     layouts: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] = ()
 
 
-class _Program:
-    """What every callable the backend returns to Dynamo shares: the model it ran with last,
-    its counts for `stats`, and the reason it runs uncached (None: it caches)."""
+@dataclass
+class Ledger:
+    """What a program keeps for one model that runs it: its counts for `stats` and, for a
+    deciding program, its state per cache context and its last `same_step` decision.
+
+    The model is known by its parameters, held weakly (while one lives no other object can
+    have its id; a LoRA that replaces some weights leaves the others shared). Two models of
+    one architecture (Wan 2.2's two experts, two checkpoints) run the same compiled graph, so
+    the same program: each keeps its own ledger, and switching between them loses nothing."""
+
+    parameters: tuple[weakref.ref, ...] = ()
+    states: ContextStates | None = None
+    step: tuple[Any, bool] | None = None  # (same_step key, its decision)
+    calls: int = 0
+    hits: int = 0
+    decisions: deque[tuple[int, bool]] = field(default_factory=lambda: deque(maxlen=_DECISIONS_KEPT))
+
+    def shares(self, parameter_ids: set[int]) -> bool:
+        return any((p := ref()) is not None and id(p) in parameter_ids for ref in self.parameters)
+
+    def alive(self) -> bool:
+        return not self.parameters or any(ref() is not None for ref in self.parameters)
+
+    def reset(self) -> None:
+        self.calls = self.hits = 0
+        self.decisions.clear()
+        self.step = None
+        if self.states is not None:
+            self.states.clear()
+
+
+class Program:
+    """What every callable the backend returns to Dynamo shares: a ledger per model that
+    runs it (the current one: the model of the last call), and the reason it runs uncached
+    (None: it caches)."""
 
     reason: str | None = None
     counted = True  # False: a fragment of a model another program counts (stack_cache)
 
     def __init__(self, parameters: tuple[int, ...]) -> None:
         self._parameters_of = _picker(parameters)
-        self._owner: tuple[weakref.ref, ...] = ()  # the parameters of the model that ran last
-        self._calls = self._hits = 0
-        self._decisions: deque[tuple[int, bool]] = deque(maxlen=_DECISIONS_KEPT)
+        self._ledger = self._new_ledger(())
+        self._ledgers = [self._ledger]
         _programs.add(self)
 
+    def _new_ledger(self, parameters: tuple[weakref.ref, ...]) -> Ledger:
+        return Ledger(parameters)
+
     def _count(self, skip: bool) -> None:
-        self._calls += 1
-        self._hits += skip
-        self._decisions.append((next(_sequence), skip))
+        ledger = self._ledger
+        ledger.calls += 1
+        ledger.hits += skip
+        ledger.decisions.append((next(_sequence), skip))
 
-    def _switch_owner(self, args: Sequence[Any]) -> bool:
-        """Record the model of this call as the owner; True when it is another model (it
-        shares no parameter with the last one), whose stats and cache start anew."""
+    def _switch_owner(self, args: Sequence[Any]) -> None:
+        """Make the ledger of this call's model the current one (a new one for a model that
+        shares no parameter with any earlier; the ledgers of models that are gone are
+        dropped)."""
         parameters = self._parameters_of(args)
-        shared = self.owned_by(set(map(id, parameters)))
-        other = bool(self._owner) and not shared
-        self._owner = tuple(map(weakref.ref, parameters))
-        if other:
-            self.reset()
-        return other
+        ids = set(map(id, parameters))
+        ledger = self._ledger if self._ledger.shares(ids) or not self._ledger.parameters else next(
+            (each for each in self._ledgers if each.shares(ids)), None)
+        if ledger is None:
+            self._ledgers = [each for each in self._ledgers if each.alive()]
+            ledger = self._new_ledger(())
+            self._ledgers.append(ledger)
+        ledger.parameters = tuple(map(weakref.ref, parameters))
+        self._ledger = ledger
 
-    def reset(self) -> None:
-        self._calls = self._hits = 0
-        self._decisions.clear()
+    def _ledgers_of(self, parameter_ids: set[int] | None) -> list[Ledger]:
+        return [each for each in self._ledgers if parameter_ids is None or each.shares(parameter_ids)]
+
+    def reset(self, parameter_ids: set[int] | None = None) -> None:
+        """Forget the counts (and states) of the model with these parameters (all for None)."""
+        for ledger in self._ledgers_of(parameter_ids):
+            ledger.reset()
 
     def owned_by(self, parameter_ids: set[int]) -> bool:
-        """Whether the model with these parameter ids ran this program last: it shares a
-        parameter with that run (held by weak references: while one lives, no other object
-        can have its id; a LoRA that replaces some weights leaves the others shared)."""
-        return any((p := ref()) is not None and id(p) in parameter_ids for ref in self._owner)
+        """Whether the model with these parameter ids has run this program (and lives)."""
+        return bool(self._ledgers_of(parameter_ids))
 
-    def stats(self) -> tuple[int, int, list[tuple[int, bool]]]:
-        return self._calls, self._hits, list(self._decisions)
+    def stats(self, parameter_ids: set[int] | None = None) -> tuple[int, int, list[tuple[int, bool]]]:
+        """(calls, hits, decisions) of the model with these parameters (all for None)."""
+        ledgers = self._ledgers_of(parameter_ids)
+        return (sum(each.calls for each in ledgers), sum(each.hits for each in ledgers),
+                [d for each in ledgers for d in each.decisions])
 
 
-class UncachedProgram(_Program):
+class UncachedProgram(Program):
     """A graph compiled without the cache (`reason` says why): counted, never skips."""
 
     def __init__(self, compiled: Callable, parameters: tuple[int, ...], reason: str) -> None:
@@ -249,45 +360,69 @@ class UncachedProgram(_Program):
         self.reason = reason
 
     def __call__(self, *args: Any) -> Any:
-        _ran.calls = getattr(_ran, "calls", 0) + 1
+        note_call()
         self._switch_owner(args)
         result = self._compiled(*args)
         self._count(False)
         return result
 
 
-class _Deciding(_Program):
-    """A program that decides per call whether to skip blocks: the settings it decides with,
-    First Block Cache's rule, and `same_step` followers. `defaults`: the settings when no
-    `cache_settings` block overrides them. `reduce`: where the decision is shared by several
-    processes (context parallelism), sums the two float32 sums it compares over them (see
-    `relative_l1`)."""
+class DecidingProgram(Program):
+    """A program that runs First Block Cache's cycle (the module docstring): the settings it
+    decides with, the rule, `same_step` followers, its states per cache context and its
+    counts. `defaults`: the settings when no `cache_settings` block overrides them. `reduce`:
+    where the decision is shared by several processes (context parallelism), sums the two
+    float32 sums it compares over them (see `relative_l1`). `state_type`: the `State` (or a
+    subclass: what else the program keeps per context)."""
 
     def __init__(self, parameters: tuple[int, ...], defaults: CacheSettings,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 state_type: type[State] | None = None) -> None:
+        self._state_type = state_type or State
         super().__init__(parameters)
         self._defaults = defaults
         self._reduce = reduce
-        self._step: tuple[Any, bool] | None = None  # (same_step key, its decision)
+
+    def _new_ledger(self, parameters: tuple[weakref.ref, ...]) -> Ledger:
+        return Ledger(parameters, ContextStates(self._state_type))
+
+    @property
+    def _states(self) -> ContextStates:
+        """The current model's state per cache context."""
+        return self._ledger.states
+
+    def begin(self, signature: tuple) -> State:
+        """The state of this call's cache context, cleared where `signature` is new."""
+        note_call()
+        state = self._states.current()
+        if signature != state.signature:
+            state.clear()
+            state.signature = signature
+        return state
+
+    def finish(self, skip: bool) -> None:
+        """A call ended, having skipped the blocks or computed them."""
+        self._count(skip)
 
     def settings(self) -> CacheSettings:
         """The settings a call made now decides with."""
         overrides = _overrides.get()
         return dataclasses.replace(self._defaults, **overrides) if overrides else self._defaults
 
-    def _decide(self, state: _State, signal: torch.Tensor, settings: CacheSettings) -> bool:
-        """First Block Cache, with calls of one `same_step` following the first one's decision."""
+    def decide(self, state: State, signal: torch.Tensor | None, settings: CacheSettings) -> bool:
+        """First Block Cache, with calls of one `same_step` following the first one's decision.
+        (`signal` is read only where `state` holds a signal to compare it with.)"""
         state.calls += 1
-        key = _step_key.get()
-        if key is not None and self._step is not None and self._step[0] == key:
-            skip = self._step[1] and state.signal is not None and _skipping_allowed.get()
+        key, ledger = _step_key.get(), self._ledger
+        if key is not None and ledger.step is not None and ledger.step[0] == key:
+            skip = ledger.step[1] and state.signal is not None and _skipping_allowed.get() and settings.may_skip
             state.hits_in_row = state.hits_in_row + 1 if skip else 0
             return skip
         skip = self._decide_alone(state, signal, settings)
-        self._step = (key, skip) if key is not None else None
+        ledger.step = (key, skip) if key is not None else None
         return skip
 
-    def _decide_alone(self, state: _State, signal: torch.Tensor, opts: CacheSettings) -> bool:
+    def _decide_alone(self, state: State, signal: torch.Tensor, opts: CacheSettings) -> bool:
         """First Block Cache: skip when the first-block residual barely moved."""
         if (
             not opts.may_skip
@@ -302,12 +437,7 @@ class _Deciding(_Program):
         state.hits_in_row = state.hits_in_row + 1 if skip else 0
         return skip
 
-    def reset(self) -> None:
-        super().reset()
-        self._step = None
-
-
-class CachedProgram(_Deciding):
+class CachedProgram(DecidingProgram):
     """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""
 
     def __init__(self, head: Callable, rest: Callable, tail: Callable, wiring: Wiring,
@@ -324,25 +454,20 @@ class CachedProgram(_Deciding):
         self._head_args, self._rest_args, self._tail_args = map(_picker, (wiring.head_in, wiring.rest_in, wiring.tail_in))
         self._activations_of = _picker(wiring.activations)
         self.description = description
-        self._states: dict[str, _State] = {}
 
     def __call__(self, *args: Any) -> Any:
-        _ran.calls = getattr(_ran, "calls", 0) + 1
         w = self._wiring
         settings = self.settings()
-        state = self._states.setdefault(_context.get(), _State())
         signature = self._signature(args)
-        if signature != state.signature:
-            if self._switch_owner(args):  # reset() dropped every context's state
-                state = self._states.setdefault(_context.get(), _State())
-            state.clear()
-            state.signature = signature
+        if signature != getattr(self._states.current_if_any(), "signature", None):
+            self._switch_owner(args)  # maybe another model, with a ledger of its own
+        state = self.begin(signature)
         values = list(args) + [None] * (w.num_slots - len(args))
         try:
             outputs = self._head(*self._head_args(values))
             for slot, value in zip(w.head_out, outputs):
                 values[slot] = value
-            skip = self._decide(state, outputs[-1], settings)
+            skip = self.decide(state, outputs[-1], settings)
             if skip:
                 residuals = state.residuals_now(settings)
                 for (sources, dim, result), residual, stride in zip(w.streams, residuals, state.strides):
@@ -361,7 +486,7 @@ class CachedProgram(_Deciding):
         except BaseException:
             state.clear()
             raise
-        self._count(skip)
+        self.finish(skip)
         return result
 
     def _signature(self, args: Sequence[Any]) -> tuple:
@@ -370,11 +495,7 @@ class CachedProgram(_Deciding):
             for a in self._activations_of(args)
         )
         parameters = self._parameters_of(args)
-        return activations, tuple(map(id, parameters)), _versions(parameters)
-
-    def reset(self) -> None:
-        super().reset()
-        self._states.clear()
+        return activations, tuple(map(id, parameters)), parameter_versions(parameters)
 
 
 def _itself(tensor: torch.Tensor) -> torch.Tensor:
@@ -401,7 +522,7 @@ def _picker(slots: tuple[int, ...]) -> Callable[[Sequence[Any]], tuple[Any, ...]
     return operator.itemgetter(*slots) if slots else (lambda values: ())
 
 
-def _versions(parameters: Sequence[torch.Tensor]) -> tuple[int | None, ...]:
+def parameter_versions(parameters: Sequence[torch.Tensor]) -> tuple[int | None, ...]:
     """Each parameter's version counter (None for an inference tensor, which has none)."""
     try:
         return tuple(map(_version_of, parameters))
@@ -435,8 +556,8 @@ def relative_l1(current: torch.Tensor, previous: torch.Tensor,
     return (sums[0] / sums[1]).item()
 
 
-def programs_of(model: Any | None) -> list[_Program]:
-    """The programs that last ran with `model`'s parameters (all of them for None), but for
+def programs_of(model: Any | None) -> list[Program]:
+    """The programs that have run with `model`'s parameters (all of them for None), but for
     fragments of a split stack, whose `StackCache` is the model's program.
 
     `model` is a torch.nn.Module (the compiled model or the original one) or an object that
@@ -444,8 +565,12 @@ def programs_of(model: Any | None) -> list[_Program]:
     """
     if model is None:
         return [p for p in _programs if p.counted]
-    ids = {id(p) for p in module_of(model).parameters()}
+    ids = _parameter_ids(model)
     return [p for p in _programs if p.counted and p.owned_by(ids)]
+
+
+def _parameter_ids(model: Any) -> set[int]:
+    return {id(p) for p in module_of(model).parameters()}
 
 
 def module_of(model: Any) -> torch.nn.Module:
@@ -492,6 +617,17 @@ def watch(model: Any) -> Iterator[None]:
                   stacklevel=4)  # watch, contextlib's __exit__, the caller's `with`
 
 
+def ran_uncompiled(model: Any, reason: str) -> None:
+    """Count a call of `model` that an integration ran as the plain model, outside its
+    compiled version (compiling it failed; `reason` names the cause and the fix), as uncached
+    in `stats(model)`, and tell the user once, as `watch` does for calls Dynamo skipped."""
+    module = module_of(model)
+    missed = _missed.setdefault(module, _Missed())
+    missed.reason = reason
+    missed.decisions.append((next(_sequence), False))
+    warn_once(f"wavespeed: {type(module).__name__} ran uncompiled and uncached: {reason}", stacklevel=3)
+
+
 def _watched_in(model: Any | None) -> list[torch.nn.Module]:
     """The watched modules with missed calls that are `model` or inside it (all for None):
     a ComfyUI MODEL holds the diffusion model its wrappers watch."""
@@ -507,8 +643,9 @@ def watched_module() -> torch.nn.Module | None:
 
 def reset(model: Any | None = None) -> None:
     """Start a new generation: forget stored residuals (of `model`, or of every model)."""
+    ids = None if model is None else _parameter_ids(model)
     for program in programs_of(model):
-        program.reset()
+        program.reset(ids)
     for module in _watched_in(model):
         del _missed[module]
 
@@ -522,13 +659,14 @@ def stats(model: Any | None = None) -> Stats:
     cache nothing and need no excuse); where none does, the model's calls are those of its
     busiest uncached program, with their reasons."""
     programs = programs_of(model)
-    cached = [p for p in programs if p.reason is None and p.stats()[0]]
-    uncached = [p for p in programs if p.reason is not None and p.stats()[0]]
-    counted = cached or sorted(uncached, key=lambda p: -p.stats()[0])[:1]
+    ids = None if model is None else _parameter_ids(model)
+    cached = [p for p in programs if p.reason is None and p.stats(ids)[0]]
+    uncached = [p for p in programs if p.reason is not None and p.stats(ids)[0]]
+    counted = cached or sorted(uncached, key=lambda p: -p.stats(ids)[0])[:1]
     calls = hits = 0
     decisions: list[tuple[int, bool]] = []
     for program in counted:
-        c, h, d = program.stats()
+        c, h, d = program.stats(ids)
         calls, hits = calls + c, hits + h
         decisions += d
     reasons = [] if cached else [p.reason for p in uncached]
