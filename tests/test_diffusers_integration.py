@@ -9,6 +9,9 @@ in others, so thresholds here are high and picked per pipeline to give some, not
 
 from __future__ import annotations
 
+import contextlib
+
+import families
 import pytest
 import torch
 from diffusers import (
@@ -25,6 +28,7 @@ from diffusers import (
 )
 
 import wavepass
+from fbcache_reference import ReferenceFBCache
 from models import tiny_sdxl_unet
 from wavepass_diffusers import apply_wavespeed, remove_wavespeed
 
@@ -276,3 +280,61 @@ def test_policy_is_a_run_time_setting(no_fallback):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     with pytest.raises(ValueError, match="policy must be one of"):
         handle.configure(policy="magic")
+
+
+def wan22_pipe():
+    """Wan 2.2's two experts: `transformer` above the boundary timestep, `transformer_2` below."""
+    experts = families.wan(seed=0), families.wan(seed=5)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=experts[0].model,
+                       transformer_2=experts[1].model, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                       boundary_ratio=0.5)
+    _, kwargs = wan_pipe()
+    return pipe, kwargs, experts
+
+
+@contextlib.contextmanager
+def reference_experts(pipe, experts, threshold):
+    """The independent reference cache on each expert: the stages of `families.wan`, one cache
+    per expert and CFG branch (the pipeline's `cache_context`)."""
+    caches: dict[tuple[str, str], ReferenceFBCache] = {}
+    for name, case in zip(("transformer", "transformer_2"), experts):
+        module, branch = case.model, {"name": "default"}
+
+        @contextlib.contextmanager
+        def cache_context(context, *_, branch=branch, **__):
+            branch["name"] = context
+            yield
+
+        def forward(hidden_states, timestep, encoder_hidden_states, *_, name=name, case=case, branch=branch, **__):
+            cache = caches.setdefault((name, branch["name"]), ReferenceFBCache(threshold))
+            return (cache(*case.stages, dict(hidden_states=hidden_states, timestep=timestep,
+                                              encoder_hidden_states=encoder_hidden_states)),)
+
+        module.__dict__["cache_context"], module.__dict__["forward"] = cache_context, forward
+    try:
+        yield caches
+    finally:
+        for case in experts:
+            del case.model.__dict__["cache_context"], case.model.__dict__["forward"]
+
+
+def test_two_experts_each_follow_the_rule_with_their_own_state(no_fallback):
+    pipe, kwargs, experts = wan22_pipe()
+    threshold, steps = 0.1, 10
+    plain = run(pipe, kwargs, steps)
+    with reference_experts(pipe, experts, threshold) as caches:
+        expected = run(pipe, kwargs, steps)
+    handle = apply_wavespeed(pipe, residual_diff_threshold=threshold, compile=False)
+    assert set(handle.denoisers) == {"transformer", "transformer_2"}
+    out = run(pipe, kwargs, steps)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    for name in ("transformer", "transformer_2"):
+        stats = wavepass.stats(getattr(pipe, name))
+        # each step calls the expert for "cond", then "uncond"
+        decisions = [d for step in zip(caches[name, "cond"].decisions, caches[name, "uncond"].decisions) for d in step]
+        assert stats.reason is None and 0 < stats.hits < stats.calls, (name, stats)
+        assert list(stats.decisions) == decisions, name
+    handle.remove()
+    for case in experts:
+        assert case.model._compiled_call_impl is None and "cache_context" not in case.model.__dict__
+    torch.testing.assert_close(run(pipe, kwargs, steps), plain, atol=0, rtol=0)

@@ -15,20 +15,24 @@ above works without `import wavepass`. This module adds the runtime API:
     with wavepass.skipping(False):   calls inside run every block (start/end windows)
     with wavepass.same_step(t):      calls with an equal key decide together (chunked CFG)
     with wavepass.watch(model):      a call Dynamo did not compile is counted and said
+    wavepass.compile_failure(error)  the cause and fix of a compiler failure; None for other errors
+    wavepass.ran_uncompiled(model, reason)
+                                     a call an integration ran uncompiled is counted and said
 """
 
 from __future__ import annotations
 
 from .backend import wavespeed
-from .notices import WavespeedWarning
+from .notices import WavespeedWarning, compile_failure
 from .options import POLICIES, CacheOptions, CacheSettings
-from .runtime import (Stats, cache_context, cache_settings, current_context, reset, same_step, skipping,
-                      stats, watch)
+from .runtime import (Stats, cache_context, cache_settings, current_context, ran_uncompiled, reset, same_step,
+                      skipping, stats, watch)
 from .torch_api import register_backend
 
 __all__ = [
     "POLICIES", "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
-    "current_context", "reset", "same_step", "skipping", "stats", "watch", "wavespeed",
+    "compile_failure", "current_context", "ran_uncompiled", "reset", "same_step", "skipping", "stats", "watch",
+    "wavespeed",
 ]
 __version__ = "0.1.0"
 

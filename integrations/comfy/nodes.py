@@ -10,6 +10,7 @@ code; the cache node's settings are read by the compiled program at run time, so
 them (or removing the cache node) compiles nothing. Apply First Block Cache alone runs the
 cached model uncompiled; Compile Model+ alone compiles without skipping. Node ids carry the
 `Wavepass` prefix so that they never collide with another pack's nodes of the same title.
+Where compiling fails, sampling goes on with the plain model, said once (sampling.py).
 """
 
 from __future__ import annotations
@@ -134,8 +135,9 @@ class CompileModelPlus(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "fullgraph", default=False,
-                    tooltip="Fail instead of splitting the model at code torch.compile cannot "
-                            "trace (graph breaks).",
+                    tooltip="Never split the model at code torch.compile cannot trace (graph "
+                            "breaks): at one, the model runs uncompiled, with a warning naming "
+                            "it (turn this off to compile around it).",
                 ),
                 io.String.Input(
                     "options", default="", multiline=True,

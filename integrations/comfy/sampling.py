@@ -15,6 +15,12 @@ diffusion model with the `wavespeed` backend and drive its cache through a sampl
           wavepass.skipping(start <= progress <= end)                  the start/end window
           wavepass.same_step((run, sigma))                             chunks of one step agree
           wavepass.watch(module)                                       uncompiled calls are said
+        where the compiled call raises a compiler failure (`wavepass.compile_failure`: Dynamo,
+        Inductor, wavepass), the call runs the plain module instead, and so does every later
+        call of that module through these wrappers (until a node installs them again, which
+        retries): each is counted in `wavepass.stats` with the cause and fix, said once
+        (`wavepass.ran_uncompiled`). If the plain module raises too, the error is the model's
+        and propagates; out of memory and interrupts always propagate.
 
 One compiled module per module and *compile* settings (Compile Model+'s mode, dynamic,
 fullgraph and Inductor options; or none, for the cache node alone): the cache node's
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -104,7 +111,24 @@ def cache_settings(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _skip_transformer_options_guards(guard_entries) -> list[bool]:
     """ComfyUI passes per-call bookkeeping (sigmas, chunk layout, wrappers) in
     `transformer_options`; guarding on it would recompile every step (as ComfyUI's own
-    TorchCompileModel node, we keep no guards on it)."""
+    TorchCompileModel node, we keep no guards on it).
+
+    Given a filter, Dynamo builds the guards twice: once to show them to the filter, then the
+    kept ones again. The first build leaves on each guard a weak reference to the object it
+    guarded, and the second compares it with the object it finds now (`Guard.set_export_info`).
+    For a numpy array live across a graph break (HunyuanDiT's rope grid, built with numpy in
+    every forward) that object is a new `torch.from_numpy` tensor at each build, and comparing
+    two tensors raises: `InternalTorchDynamoError: RuntimeError: Boolean value of Tensor with
+    more than one value is ambiguous` (torch 2.13, any filter, even one keeping every guard).
+    So the first build's reference is dropped here, as a compile without a filter never has it.
+    """
+    for entry in guard_entries:
+        guard = getattr(entry, "orig_guard", None)
+        if getattr(guard, "obj_weakref", None) is not None:
+            try:
+                guard.obj_weakref = None
+            except (AttributeError, TypeError):  # another torch's Guard: nothing to undo
+                pass
     return ["transformer_options" not in entry.name for entry in guard_entries]
 
 
@@ -158,29 +182,69 @@ def run_stats(module: torch.nn.Module, run: _Run) -> wavepass.Stats:
     return wavepass.Stats(calls + now.calls, hits + now.hits, now.decisions, now.reason)
 
 
+RETRY = ("Until a wavepass node of this MODEL runs again, the model runs uncompiled (its own "
+         "results, no speed-up); to try compiling again (after the fix), change an input of "
+         "Apply First Block Cache or Compile Model+, or remove and re-add the node, or restart "
+         "ComfyUI")
+
+
 def _apply_model_wrapper(settings):
     key = _object_to_patch(settings)
     cache = cache_settings(settings)
+    # The modules whose compiled version failed with these settings, and why: they run as
+    # they are for as long as these wrappers are installed (until the node runs again).
+    failed: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 
     def apply_model(executor, x, t, *args, **kwargs):
         base = executor.class_obj
         module = comfy.utils.get_attr(base, key)
         sigma = float(t.max())
         run = _run.get()
-        with ExitStack() as scope:
-            if run is not None:
-                _reset_if_rising(run, module, sigma)
-                scope.enter_context(wavepass.skipping(run.end_sigma <= sigma <= run.start_sigma))
-                scope.enter_context(wavepass.same_step((id(run), sigma)))
-            transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-            chunk = tuple(transformer_options.get("cond_or_uncond", ()))
-            scope.enter_context(wavepass.cache_context(f"comfy chunk {chunk} x {tuple(x.shape)}"))
-            scope.enter_context(wavepass.cache_settings(**cache))
-            scope.enter_context(wavepass.watch(module))
-            scope.enter_context(_swapped(base, key, compiled_module(module, settings)))
-            return executor(x, t, *args, **kwargs)
+        if run is not None:
+            _reset_if_rising(run, module, sigma)
+        reason = failed.get(module)
+        if reason is None:
+            try:
+                return _compiled_call(executor, module, settings, cache, run, sigma, x, t, *args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - only the compiler's failures fall back
+                reason = wavepass.compile_failure(error, _interrupts())
+                if reason is None:
+                    raise
+            # The plain model on the same inputs: raises the model's own error again if the
+            # compiler only reported it (Dynamo's TorchRuntimeError), with no fallback kept.
+            result = executor(x, t, *args, **kwargs)
+            failed[module] = reason = f"{reason}. {RETRY}"
+            wavepass.reset(module)  # what the failed call counted (compiles fail at a first call)
+        else:
+            result = executor(x, t, *args, **kwargs)
+        wavepass.ran_uncompiled(module, reason)
+        return result
 
     return apply_model
+
+
+def _interrupts() -> tuple[type[BaseException], ...]:
+    """ComfyUI's cancel (raised through the sampler): never a compiler failure."""
+    import comfy.model_management
+
+    return (comfy.model_management.InterruptProcessingException,)
+
+
+def _compiled_call(executor, module, settings, cache, run, sigma, x, t, *args, **kwargs):
+    """The model call through its compiled version, in wavepass's settings and contexts."""
+    base = executor.class_obj
+    key = _object_to_patch(settings)
+    with ExitStack() as scope:
+        if run is not None:
+            scope.enter_context(wavepass.skipping(run.end_sigma <= sigma <= run.start_sigma))
+            scope.enter_context(wavepass.same_step((id(run), sigma)))
+        transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        chunk = tuple(transformer_options.get("cond_or_uncond", ()))
+        scope.enter_context(wavepass.cache_context(f"comfy chunk {chunk} x {tuple(x.shape)}"))
+        scope.enter_context(wavepass.cache_settings(**cache))
+        scope.enter_context(wavepass.watch(module))
+        scope.enter_context(_swapped(base, key, compiled_module(module, settings)))
+        return executor(x, t, *args, **kwargs)
 
 
 def _reset_if_rising(run: _Run, module: torch.nn.Module, sigma: float) -> None:

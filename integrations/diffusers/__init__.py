@@ -10,12 +10,15 @@
 
 How it works (each point is a decision; the code below implements it):
 
-- The denoiser (`pipe.transformer`, else `pipe.unet`) is compiled *in place*, the way
-  `nn.Module.compile` does it: `torch.compile(denoiser._call_impl, backend="wavespeed", ...)`
+- Every denoiser the pipeline holds (`pipe.transformer`, Wan 2.2's second expert
+  `pipe.transformer_2`, or `pipe.unet`) is compiled *in place*, the way `nn.Module.compile`
+  does it: `torch.compile(denoiser._call_impl, backend="wavespeed", ...)`
   is stored as `denoiser._compiled_call_impl` (which `nn.Module.__call__` runs instead of
   `_call_impl`), behind a small Python wrapper. `pipe.transformer` stays the same object, so
   its `.config`, `.dtype` and `cache_context` keep working and the pipeline is not rebuilt.
-- A new pipeline call starts a new generation (`wavepass.reset(denoiser)`): the wrapper sees
+  Two experts (Wan 2.2's pipeline switches from `transformer` to `transformer_2` at
+  `boundary_ratio`) each keep their own cache state and stats, under one set of settings.
+- A new pipeline call starts a new generation (`wavepass.reset` of every denoiser): the wrapper sees
   that `pipe.scheduler.timesteps` is another tensor object than at its last call (every
   pipeline calls `scheduler.set_timesteps`, which makes a new one). The scheduler is read at
   every call, so replacing `pipe.scheduler` works.
@@ -41,12 +44,17 @@ How it works (each point is a decision; the code below implements it):
   settings reuses Dynamo's compiled code.
 - Every call runs inside `wavepass.watch(denoiser)`: a call Dynamo no longer compiles (its
   recompile limit, say) is counted in `wavepass.stats` with the reason, and said once.
-- `handle.remove()` / `remove_wavespeed(pipe)` restore the module's previous
-  `_compiled_call_impl` and `cache_context` and forget the handle.
+- Never a crash from the compiler: where a call raises a failure of Dynamo, Inductor or
+  wavepass (`wavepass.compile_failure`), the plain denoiser runs the call instead (its own
+  results), and every later call until `remove()` (apply again to retry): each is counted
+  in `wavepass.stats` with the cause and fix (`wavepass.ran_uncompiled`), said once. If the
+  plain denoiser raises too, that error is the model's and propagates, as do out of memory
+  and KeyboardInterrupt.
+- `handle.remove()` / `remove_wavespeed(pipe)` restore each denoiser's previous
+  `_compiled_call_impl`, `cache_context` and blocks, and forget the handle.
 
-Limitations: only `pipe.transformer` (or `pipe.unet`) is compiled, not a second denoiser such
-as Wan 2.2's `transformer_2`; a pipeline made with `from_pipe` shares the compiled denoiser but
-its scheduler is not watched (apply to that pipeline instead, after removing from the first).
+Limitation: a pipeline made with `from_pipe` shares the compiled denoiser but its scheduler is
+not watched (apply to that pipeline instead, after removing from the first).
 """
 
 from __future__ import annotations
@@ -65,23 +73,57 @@ from wavepass import CacheOptions
 __all__ = ["WavespeedHandle", "apply_wavespeed", "remove_wavespeed"]
 
 _ATTRIBUTE = "_wavepass_handle"  # on the pipeline: the handle of the applied wavespeed
+_RETRY = ("Until wavespeed is applied again, the denoiser runs uncompiled (its own results, no "
+          "speed-up); to try compiling again (after the fix), call remove_wavespeed(pipe) and "
+          "apply_wavespeed(pipe, ...), or restart the process")
 _MISSING = object()
+
+
+class _Denoiser:
+    """One denoiser of the pipeline as `apply_wavespeed` left it: what it replaced, and why
+    compiling it failed (then its calls run it uncompiled)."""
+
+    def __init__(self, name: str, module: torch.nn.Module) -> None:
+        self.name, self.module = name, module
+        self.previous_compiled: Any = module._compiled_call_impl
+        self.previous_cache_context: Any = module.__dict__.get("cache_context", _MISSING)
+        self.failed: str | None = None
+
+    def restore(self) -> None:
+        self.module._compiled_call_impl = self.previous_compiled
+        wavepass.stack_cache.uninstall(self.module)  # the blocks' `forward` (the split path)
+        if self.previous_cache_context is _MISSING:
+            self.module.__dict__.pop("cache_context", None)
+        else:
+            self.module.__dict__["cache_context"] = self.previous_cache_context
 
 
 class WavespeedHandle:
     """What `apply_wavespeed` did to a pipeline; `remove()` undoes it."""
 
-    def __init__(self, pipe: Any, denoiser: torch.nn.Module, name: str) -> None:
-        self.denoiser = denoiser
-        self.denoiser_name = name  # "transformer" or "unet"
+    def __init__(self, pipe: Any, denoisers: list[tuple[str, torch.nn.Module]]) -> None:
+        self._denoisers = tuple(_Denoiser(name, module) for name, module in denoisers)
         self.start, self.end = 0.0, 1.0
         self.settings: dict[str, Any] = {}  # wavepass.cache_settings of every call
         self._pipe = weakref.ref(pipe)
         self._timesteps: torch.Tensor | None = None  # scheduler.timesteps at the last call
-        self._calls: dict[str, int] = {}  # calls per cache context in this generation (fallback)
-        self._previous_compiled: Any = None
-        self._previous_cache_context: Any = _MISSING
+        # calls per (denoiser, cache context) in this generation (for schedulers without step_index)
+        self._calls: dict[tuple[str, str], int] = {}
         self._removed = False
+
+    @property
+    def denoisers(self) -> dict[str, torch.nn.Module]:
+        """The compiled denoisers by attribute name ("transformer", "transformer_2", "unet")."""
+        return {d.name: d.module for d in self._denoisers}
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The first (or only) compiled denoiser."""
+        return self._denoisers[0].module
+
+    @property
+    def denoiser_name(self) -> str:
+        return self._denoisers[0].name
 
     def configure(self, residual_diff_threshold: float | None = None, start: float | None = None,
                   end: float | None = None, max_consecutive_cache_hits: int | None = None,
@@ -103,14 +145,30 @@ class WavespeedHandle:
             pass
         self.settings, self.start, self.end = settings, float(start), float(end)
 
-    # The wrapper stored as denoiser._compiled_call_impl.
-    def _call(self, compiled, *args: Any, **kwargs: Any) -> Any:
-        allowed = self._window_allows_skipping()
-        with (wavepass.skipping(allowed), wavepass.cache_settings(**self.settings),
-              wavepass.watch(self.denoiser)):
-            return compiled(*args, **kwargs)
+    # The wrapper stored as each denoiser's _compiled_call_impl.
+    def _call(self, denoiser: _Denoiser, compiled, *args: Any, **kwargs: Any) -> Any:
+        allowed = self._window_allows_skipping(denoiser)
+        module = denoiser.module
+        if denoiser.failed is None:
+            try:
+                with (wavepass.skipping(allowed), wavepass.cache_settings(**self.settings),
+                      wavepass.watch(module)):
+                    return compiled(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - only the compiler's failures fall back
+                reason = wavepass.compile_failure(error)
+                if reason is None:
+                    raise
+            # The plain denoiser on the same inputs: raises the model's own error again if the
+            # compiler only reported it (Dynamo's TorchRuntimeError), with no fallback kept.
+            result = module._call_impl(*args, **kwargs)
+            denoiser.failed = f"{reason}. {_RETRY}"
+            wavepass.reset(module)  # what the failed call counted
+        else:
+            result = module._call_impl(*args, **kwargs)
+        wavepass.ran_uncompiled(module, denoiser.failed)
+        return result
 
-    def _window_allows_skipping(self) -> bool:
+    def _window_allows_skipping(self, denoiser: _Denoiser) -> bool:
         pipe = self._pipe()
         scheduler = getattr(pipe, "scheduler", None) if pipe is not None else None
         timesteps = getattr(scheduler, "timesteps", None)
@@ -119,40 +177,40 @@ class WavespeedHandle:
         if timesteps is not self._timesteps:  # set_timesteps ran: a new pipeline call
             self._timesteps = timesteps
             self._calls.clear()
-            wavepass.reset(self.denoiser)
+            for each in self._denoisers:
+                wavepass.reset(each.module)
         if hasattr(scheduler, "step_index"):
             index = scheduler.step_index
             if index is None:
                 index = getattr(scheduler, "begin_index", None) or 0
         else:
-            context = wavepass.current_context()
-            index = self._calls.get(context, 0)
-            self._calls[context] = index + 1
+            key = (denoiser.name, wavepass.current_context())
+            index = self._calls.get(key, 0)
+            self._calls[key] = index + 1
         return self.start <= index / len(timesteps) < self.end
 
     def remove(self) -> None:
-        """Undo `apply_wavespeed`: the denoiser runs uncompiled and uncached again."""
+        """Undo `apply_wavespeed`: the denoisers run uncompiled and uncached again."""
         if self._removed:
             return
         self._removed = True
-        self.denoiser._compiled_call_impl = self._previous_compiled
-        if self._previous_cache_context is _MISSING:
-            self.denoiser.__dict__.pop("cache_context", None)
-        else:
-            self.denoiser.__dict__["cache_context"] = self._previous_cache_context
+        for denoiser in self._denoisers:
+            denoiser.restore()
         pipe = self._pipe()
         if pipe is not None and pipe.__dict__.get(_ATTRIBUTE) is self:
             del pipe.__dict__[_ATTRIBUTE]
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else "applied"
-        return f"WavespeedHandle({self.denoiser_name}, start={self.start}, end={self.end}, {state})"
+        names = ", ".join(d.name for d in self._denoisers)
+        return f"WavespeedHandle({names}, start={self.start}, end={self.end}, {state})"
 
 
 def apply_wavespeed(pipe: Any, residual_diff_threshold: float = 0.12, start: float = 0.0, end: float = 1.0,
                     max_consecutive_cache_hits: int = -1, compile: bool = True, mode: str | None = None,
                     dynamic: bool | None = None, policy: str = "fbcache") -> WavespeedHandle:
-    """Compile `pipe`'s denoiser with the `wavespeed` backend, in place; returns a handle whose
+    """Compile `pipe`'s denoisers (`transformer`, and `transformer_2` where the pipeline has
+    two experts, or `unet`) with the `wavespeed` backend, in place; returns a handle whose
     `remove()` undoes it (as does `remove_wavespeed(pipe)`).
 
     residual_diff_threshold, max_consecutive_cache_hits, policy: the cache settings (see
@@ -164,27 +222,26 @@ def apply_wavespeed(pipe: Any, residual_diff_threshold: float = 0.12, start: flo
     mode, dynamic: how Inductor compiles (mode goes to Inductor through the backend's options).
 
     Each pipeline call starts a new generation; `wavepass.stats(pipe.transformer)` (or
-    `pipe.unet`) reports the skipped calls of the last one.
+    `pipe.transformer_2`, `pipe.unet`) reports the skipped calls of the last one.
     """
     if pipe.__dict__.get(_ATTRIBUTE) is not None:
         raise RuntimeError(
             "apply_wavespeed: this pipeline already has wavespeed applied; call "
             "remove_wavespeed(pipe) (or handle.remove()) first to apply it with other settings"
         )
-    name, denoiser = _denoiser_of(pipe)
-    handle = WavespeedHandle(pipe, denoiser, name)
+    handle = WavespeedHandle(pipe, _denoisers_of(pipe))
     handle.configure(residual_diff_threshold=residual_diff_threshold, start=start, end=end,
                      max_consecutive_cache_hits=max_consecutive_cache_hits, policy=policy)
     options = {"compiler": "inductor" if compile else "eager"}
     if mode is not None:
         options["mode"] = mode
     CacheOptions.from_dict(options)  # a bad mode fails here, not at the first call
-    compiled = torch.compile(denoiser._call_impl, backend="wavespeed", options=options, dynamic=dynamic)
-    handle._previous_compiled = denoiser._compiled_call_impl
-    handle._previous_cache_context = denoiser.__dict__.get("cache_context", _MISSING)
-    denoiser._compiled_call_impl = functools.partial(handle._call, compiled)
-    if callable(getattr(denoiser, "cache_context", None)):
-        denoiser.__dict__["cache_context"] = _branch_context(getattr(denoiser, "cache_context"))
+    for denoiser in handle._denoisers:
+        module = denoiser.module
+        compiled = torch.compile(module._call_impl, backend="wavespeed", options=options, dynamic=dynamic)
+        module._compiled_call_impl = functools.partial(handle._call, denoiser, compiled)
+        if callable(getattr(module, "cache_context", None)):
+            module.__dict__["cache_context"] = _branch_context(getattr(module, "cache_context"))
     pipe.__dict__[_ATTRIBUTE] = handle
     return handle
 
@@ -196,11 +253,14 @@ def remove_wavespeed(pipe: Any) -> None:
         handle.remove()
 
 
-def _denoiser_of(pipe: Any) -> tuple[str, torch.nn.Module]:
-    for name in ("transformer", "unet"):
-        module = getattr(pipe, name, None)
-        if isinstance(module, torch.nn.Module):
-            return name, module
+DENOISERS = ("transformer", "transformer_2", "unet")  # the attributes a pipeline holds denoisers in
+
+
+def _denoisers_of(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+    found = [(name, module) for name in DENOISERS
+             if isinstance(module := getattr(pipe, name, None), torch.nn.Module)]
+    if found:
+        return found
     raise ValueError(
         f"apply_wavespeed: {type(pipe).__name__} has no `transformer` or `unet` module to compile; "
         f"compile the denoiser itself with torch.compile(model, backend=\"wavespeed\", options=...)"
