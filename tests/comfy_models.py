@@ -48,7 +48,9 @@ class Spec:
     cached_blocks: tuple[str, ...] = ()  # the blocks the backend caches (its region)
     cfg: float = 2.0  # 1.0 for guidance-distilled models (FLUX.1-dev, HunyuanVideo)
     random_buffers: tuple[str, ...] = ()  # buffers ComfyUI leaves uninitialised (torch.empty)
-    time_embedders: tuple[str, ...] = ()  # Linear layers that read the timestep sinusoids
+    # Linear layers that read the timestep sinusoids: a path (all its inputs are), or
+    # (path, width): its first `width` inputs are
+    time_embedders: tuple[str | tuple[str, int], ...] = ()
 
 
 def _blocks(stack: str, count: int) -> tuple[str, ...]:
@@ -57,6 +59,16 @@ def _blocks(stack: str, count: int) -> tuple[str, ...]:
 
 SDXL_POOLED = 16
 SDXL_SIZE_EMBEDDINGS = 6 * 256  # model_base.SDXL.encode_adm appends six 256-wide embeddings
+
+CHROMA = {
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 8,
+    "hidden_size": 32, "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
+    "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True, "txt_ids_dims": [],
+    "vec_in_dim": None,
+    # the distilled guidance approximator (a stack of its own, nested in a prologue module):
+    # 16 timestep + 16 guidance + 32 modulation-index sinusoids in, one modulation vector out
+    "in_dim": 64, "out_dim": 32, "hidden_dim": 32, "n_layers": 2,
+}
 
 SPECS: dict[str, Spec] = {
     "flux": Spec(
@@ -157,6 +169,51 @@ SPECS: dict[str, Spec] = {
         cached_blocks=_blocks("single_stream_blocks", 3), cfg=1.0,
         time_embedders=("t_embedder.timestep_embedder.linear_1",),
     ),
+    "lumina2": Spec(
+        "Lumina2",
+        {
+            "image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 32, "cap_feat_dim": 8,
+            "n_layers": 3, "n_refiner_layers": 2, "n_heads": 2, "n_kv_heads": 2, "qk_norm": True,
+            "axes_dims": [4, 6, 6], "axes_lens": [1, 512, 512], "multiple_of": 16,
+        },
+        # refiners: the context refiner runs on the caption first (prologue), the noise refiner
+        # on the image, then the layers on cat((caption, image), 1)
+        latent_shape=(1, 16, 8, 8), context_dim=8,
+        cached_blocks=_blocks("noise_refiner", 2) + _blocks("layers", 3),
+    ),
+    "qwen_image": Spec(
+        "QwenImage",
+        {
+            "image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 3,
+            "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 8,
+            "axes_dims_rope": (4, 6, 6),
+        },
+        # 4 x 6 latents in 2 x 2 patches: as many image tokens as text tokens (6), and the
+        # blocks return (text, image)
+        latent_shape=(1, 16, 1, 4, 6), context_dim=8, cached_blocks=_blocks("transformer_blocks", 3),
+        time_embedders=("time_text_embed.timestep_embedder.linear_1",),
+    ),
+    "chroma": Spec(
+        "Chroma",
+        CHROMA,
+        latent_shape=(1, 16, 8, 8), context_dim=8, extra_cond={"guidance": 0.0},
+        cached_blocks=_blocks("double_blocks", 2) + _blocks("single_blocks", 2),
+        time_embedders=(("distilled_guidance_layer.in_proj", 16),),
+    ),
+    "chroma_radiance": Spec(
+        "ChromaRadiance",
+        {
+            **CHROMA,
+            "image_model": "chroma_radiance", "in_channels": 3, "out_channels": 3, "patch_size": 4,
+            # a decoder head: a stack of small NeRF blocks over the pixels of each patch
+            "nerf_hidden_size": 16, "nerf_mlp_ratio": 2, "nerf_depth": 2, "nerf_max_freqs": 4,
+            "nerf_tile_size": 0, "nerf_final_head_type": "conv", "nerf_embedder_dtype": torch.float32,
+            "use_x0": False, "use_sequential_txt_ids": False,
+        },
+        latent_shape=(1, 3, 16, 16), context_dim=8, extra_cond={"guidance": 0.0},
+        cached_blocks=_blocks("double_blocks", 2) + _blocks("single_blocks", 2),
+        time_embedders=(("distilled_guidance_layer.in_proj", 16),),
+    ),
 }
 
 MODEL_NAMES = tuple(SPECS)
@@ -206,7 +263,8 @@ def randomize_(module: torch.nn.Module, seed: int, buffers: tuple[str, ...] = ()
 
 
 @torch.no_grad()
-def smooth_time_embedding_(module: torch.nn.Module, paths: tuple[str, ...], max_radians: float = 10.0) -> None:
+def smooth_time_embedding_(module: torch.nn.Module, paths: tuple[str | tuple[str, int], ...],
+                           max_radians: float = 10.0) -> None:
     """Let the random timestep MLPs see only the slow sinusoids of the timestep.
 
     Every model here embeds t (in [0, 1]) * 1000 as [cos, sin] of the frequencies
@@ -215,12 +273,13 @@ def smooth_time_embedding_(module: torch.nn.Module, paths: tuple[str, ...], max_
     (as in benchmarks/demo.py). Zeroing the input weights of sinusoids that turn more than
     `max_radians` over the schedule makes the first block's residual change smoothly.
     """
-    for path in paths:
+    for entry in paths:
+        path, width = entry if isinstance(entry, tuple) else (entry, None)
         linear = module.get_submodule(path)
-        half = linear.in_features // 2
+        half = (width or linear.in_features) // 2
         frequencies = torch.pow(10000.0, -torch.arange(half) / half) * 1000
         slow = (frequencies <= max_radians).to(linear.weight.dtype)
-        linear.weight.mul_(torch.cat([slow, slow]))
+        linear.weight[:, :2 * half].mul_(torch.cat([slow, slow]))
 
 
 def conditioning(spec: Spec, seed: int) -> list:

@@ -1,17 +1,28 @@
-"""The independent First Block Cache (`fbcache_reference.py`) over ComfyUI's own Flux and
-SDXL UNet, for session tests that sample through ComfyUI's nodes.
+"""The independent First Block Cache (`fbcache_reference.py`) over ComfyUI's own model classes,
+for tests that sample through ComfyUI's nodes. Two ways to put it on a model:
 
-`installed(tiny, cache)` swaps the diffusion model's inner forward (Flux's `forward_orig`,
+- `installed_on_blocks(name, diffusion_model, cache)`, for every transformer in
+  `tests/comfy_models.py`: the blocks of the cached region are wrapped one by one. The
+  roles of their arguments and results are declared below per model (`ROLES`), written from
+  ComfyUI's source: which argument carries the image stream, how a block passes its streams
+  on, which streams the last block hands the epilogue and what each continues. The backend
+  must find all of this in the graph by itself; the reference is told.
+
+- `installed(name, diffusion_model, cache)` swaps the diffusion model's inner forward (Flux's `forward_orig`,
 the UNet's `_forward`) for the three eager stages below, run by `cache`; ComfyUI's own code
 around it (patchify, conditioning, samplers) stays. The stages are written here from
 ComfyUI's source (comfy/ldm/flux/model.py, comfy/ldm/modules/diffusionmodules/openaimodel.py),
-independently of wavepass, for models without ControlNet or block patches. ComfyUI's Flux
-blocks add to their inputs in place, so every stage works on copies of what it is given.
+  independently of wavepass, for models without ControlNet or block patches.
+
+ComfyUI's Flux blocks add to their inputs in place, so both work on copies of what they keep.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -134,3 +145,135 @@ def installed(name: str, diffusion_model: torch.nn.Module, cache: ReferenceFBCac
         yield cache
     finally:
         del diffusion_model.__dict__[attribute]
+
+
+@dataclass(frozen=True)
+class Roles:
+    """What the reference is told about one model's cached region (`args`, `kwargs`: a
+    block call's arguments).
+
+    image:   the first block's argument that carries the image stream
+    first:   the first block's result -> its streams by name ("img": the image stream)
+    last:    the last block's result -> the streams it hands the epilogue, by name
+    rebuild: those streams -> the last block's result
+    passes:  per block class, a skipped block's arguments -> its result (its streams unchanged)
+    bases:   the first-block streams a final stream continues, where not the one of its name
+    before:  streams computed before the first block that a base reads: name -> the module
+             whose output (at the current call) it is
+    """
+
+    image: Callable[[tuple, dict], torch.Tensor]
+    first: Callable[[Any], dict]
+    last: Callable[[Any], dict]
+    rebuild: Callable[[dict], Any]
+    passes: dict[str, Callable[[tuple, dict], Any]]
+    bases: dict[str, Callable[[dict], torch.Tensor]] = field(default_factory=dict)
+    before: dict[str, str] = field(default_factory=dict)
+
+
+def _argument(position: int, name: str) -> Callable[[tuple, dict], Any]:
+    return lambda args, kwargs: args[position] if len(args) > position else kwargs[name]
+
+
+def _txt_img_joined(first: dict) -> torch.Tensor:
+    return torch.cat((first["txt"], first["img"]), 1)
+
+
+_FLUX_LIKE = Roles(  # Flux and HunyuanVideo: dual blocks (img, txt), single blocks on cat((txt, img), 1)
+    image=_argument(0, "img"),
+    first=lambda result: {"img": result[0], "txt": result[1]},
+    last=lambda result: {"h": result},
+    rebuild=lambda streams: streams["h"],
+    passes={"DoubleStreamBlock": lambda a, k: (_argument(0, "img")(a, k), _argument(1, "txt")(a, k)),
+            "SingleStreamBlock": lambda a, k: _argument(0, "x")(a, k)},
+    bases={"h": _txt_img_joined},
+)
+_ONE_STREAM = dict(first=lambda result: {"img": result}, last=lambda result: {"img": result},
+                   rebuild=lambda streams: streams["img"])
+
+ROLES: dict[str, Roles] = {
+    "flux": _FLUX_LIKE,
+    "hunyuan_video": _FLUX_LIKE,
+    "chroma": _FLUX_LIKE,
+    "chroma_radiance": _FLUX_LIKE,  # its NeRF decoder blocks over patches run after, every call
+    # Lumina 2's noise refiner runs on the image; its layers on cat((caption, image), 1), the
+    # caption from the context refiner, which runs before (in the prologue)
+    "lumina2": Roles(image=_argument(0, "x"), first=lambda result: {"img": result},
+                     last=lambda result: {"h": result}, rebuild=lambda streams: streams["h"],
+                     passes={"JointTransformerBlock": _argument(0, "x")},
+                     bases={"h": lambda first: torch.cat((first["cap"], first["img"]), 1)},
+                     before={"cap": "context_refiner.1"}),
+    # Qwen-Image's blocks return (encoder_hidden_states, hidden_states): text first
+    "qwen_image": Roles(image=_argument(0, "hidden_states"),
+                        first=lambda result: {"txt": result[0], "img": result[1]},
+                        last=lambda result: {"img": result[1], "txt": result[0]},
+                        rebuild=lambda streams: (streams["txt"], streams["img"]),
+                        passes={"QwenImageTransformerBlock": lambda a, k: (_argument(1, "encoder_hidden_states")(a, k),
+                                                                           _argument(0, "hidden_states")(a, k))}),
+    # MMDiT joint blocks take and return (context, x); the last one returns no context
+    "sd3": Roles(image=_argument(1, "x"), first=lambda result: {"txt": result[0], "img": result[1]},
+                 last=lambda result: {"img": result[1]}, rebuild=lambda streams: (None, streams["img"]),
+                 passes={"JointBlock": lambda a, k: (_argument(0, "context")(a, k), _argument(1, "x")(a, k))}),
+    "ltxv": Roles(image=_argument(0, "x"), passes={"BasicTransformerBlock": _argument(0, "x")}, **_ONE_STREAM),
+    # Wan's blocks update x with torch.addcmul(x, y, gate)
+    "wan": Roles(image=_argument(0, "x"), passes={"WanAttentionBlock": _argument(0, "x")}, **_ONE_STREAM),
+    # HiDream's single-stream blocks run on the image tokens joined with text tokens (the
+    # model appends this block's llama tokens before it and cuts them off after it)
+    "hidream": Roles(image=_argument(0, "image_tokens"),
+                     passes={"HiDreamImageBlock": _argument(0, "image_tokens")}, **_ONE_STREAM),
+}
+
+
+@contextlib.contextmanager
+def installed_on_blocks(name: str, diffusion_model: torch.nn.Module, blocks: tuple[str, ...],
+                        cache: ReferenceFBCache):
+    """Inside, the `blocks` of `diffusion_model` (the cached region, in call order) run
+    through `cache` (reset at the start): the first block runs and decides; on a skipped call
+    the blocks after it pass their streams on and the last one returns the first block's
+    streams plus the stored residuals; on a computed call the residuals are kept."""
+    roles = ROLES[name]
+    modules = [diffusion_model.get_submodule(path) for path in blocks]
+    call: dict[str, Any] = {}
+    earlier: dict[str, torch.Tensor] = {}
+
+    def keeping(stream: str):
+        def hook(_module, _args, output):
+            earlier[stream] = output.clone()
+        return hook
+
+    def wrapped(index: int, module: torch.nn.Module) -> Callable[..., Any]:
+        forward, last = module.forward, index == len(modules) - 1
+
+        def run(*args, **kwargs):
+            if index == 0:
+                image = roles.image(args, kwargs).clone()
+                result = forward(*args, **kwargs)
+                first = {stream: value.clone() for stream, value in roles.first(result).items()}
+                first.update(earlier)
+                signal = first["img"] - image
+                call.update(first=first, signal=signal, skip=cache.decide(signal))
+                return result
+            if call["skip"]:
+                if last:
+                    return roles.rebuild(cache.skipped(call["first"]))
+                return roles.passes[type(module).__name__](args, kwargs)
+            result = forward(*args, **kwargs)
+            if last:
+                cache.computed(call["first"], roles.last(result), call["signal"])
+            return result
+
+        return run
+
+    cache.bases.update(roles.bases)
+    cache.reset()
+    hooks = [diffusion_model.get_submodule(path).register_forward_hook(keeping(stream))
+             for stream, path in roles.before.items()]
+    for index, module in enumerate(modules):
+        module.forward = wrapped(index, module)
+    try:
+        yield cache
+    finally:
+        for module in modules:
+            del module.forward
+        for hook in hooks:
+            hook.remove()

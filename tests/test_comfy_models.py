@@ -9,6 +9,9 @@ Cache node (`wavepass_comfy.nodes.ApplyFirstBlockCache`, which caches without In
     the expected blocks (no fallback to plain compilation), as it does when the bare
     diffusion model is compiled with `torch.compile(..., backend="wavespeed")`;
 (b) at the threshold below, some but not all steps are skipped and the output stays close;
+    every call, its decision and its output, equals the independent reference cache
+    (`comfy_reference.py`, the rule written from ComfyUI's source: told the roles of each
+    block's arguments, where the backend must read them from the graph);
 (c) the input ModelPatcher is untouched: same options, wrappers and patches, the same
     diffusion model, and sampling it again gives its original output.
 
@@ -24,10 +27,18 @@ cond and uncond as one batched call per step):
     hunyuan_video  hunyuan_video.HunyuanVideo        0.10       .X.X....   0.002   double_blocks.0-1, single_blocks.0-1
     wan            wan.model.WanModel                0.10       .XX.X...   0.004   blocks.0-2
     hidream        hidream.model.HiDreamImage...     0.30       .X.X.X.X   0.024   single_stream_blocks.0-2 (*)
+    lumina2        lumina.model.NextDiT              0.10       .XX.X...   0.010   noise_refiner.0-1, layers.0-2
+    qwen_image     qwen_image.model.QwenImage...     0.25       .X.X.X..   0.009   transformer_blocks.0-2
+    chroma         chroma.model.Chroma               0.15       .X.X....   0.019   double_blocks.0-1, single_blocks.0-1
+    chroma_radiance chroma_radiance.model.Chroma...  0.25       .X.X....   0.022   double_blocks.0-1, single_blocks.0-1 (**)
 
 (*) HiDream's mixture of experts breaks the graph in every block: Dynamo runs its forward as
     Python and compiles each block on its own, and the cache sits around its stack at the
     module level (wavepass.stack_cache); its random modulation moves more between steps.
+(**) Chroma Radiance decodes pixels with a second, smaller stack (`nerf_blocks`, over the
+    pixels of each patch) after the main stacks: it runs every call, in the epilogue.
+Lumina 2 runs its context refiner (a stack) on the caption before the cached region; Qwen-Image
+is sampled with as many image as text tokens, and its blocks return (text, image).
 
 Every model is sampled and compiled once per threshold (`experiment`, cached for the module,
 plus one bare compile; Dynamo compiling is most of the time); the tests check those runs.
@@ -49,6 +60,9 @@ import comfy_support
 nodes = comfy_support.require_nodes()
 
 import comfy_models  # noqa: E402
+import comfy_reference  # noqa: E402
+from comfy.patcher_extension import WrappersMP  # noqa: E402
+from fbcache_reference import ReferenceFBCache  # noqa: E402
 
 import wavepass  # noqa: E402
 from wavepass.runtime import programs_of  # noqa: E402
@@ -56,7 +70,8 @@ from wavepass_comfy.nodes import ApplyFirstBlockCache  # noqa: E402
 
 STEPS = 8
 THRESHOLDS = {"flux": 0.10, "sd3": 0.25, "sdxl": 0.04, "ltxv": 0.10, "hunyuan_video": 0.10, "wan": 0.10,
-              "hidream": 0.30}
+              "hidream": 0.30, "lumina2": 0.10, "qwen_image": 0.25, "chroma": 0.15, "chroma_radiance": 0.25}
+RULE_FACTORS = (1, 3)  # the rule is checked at THRESHOLDS and at 3x
 CLOSE = 0.03  # mean |cached - unpatched| / mean |unpatched| at THRESHOLDS
 
 
@@ -79,6 +94,16 @@ class Run:
     blocks: list[tuple[str, ...]]  # of each cached program the diffusion model ran
     warnings: list[str]
     model_replaced: bool  # the input patcher's diffusion_model was another object after it
+    outputs: list[torch.Tensor]  # of each model call
+
+
+@dataclass
+class ReferenceRun:
+    """One KSampler run of the unpatched model with the reference cache on its blocks."""
+
+    samples: torch.Tensor
+    decisions: list[bool]
+    outputs: list[torch.Tensor]  # of each model call
 
 
 @dataclass
@@ -107,6 +132,31 @@ def patcher_state(patcher) -> str:
                  patcher.object_patches, patcher.patches, patcher.model.diffusion_model))
 
 
+def recording(patcher, outputs: list):
+    """A clone of `patcher` whose model calls append copies of their outputs to `outputs`."""
+    clone = patcher.clone()
+
+    def record(executor, *args, **kwargs):
+        output = executor(*args, **kwargs)
+        outputs.append(output.clone())
+        return output
+
+    clone.add_wrapper_with_key(WrappersMP.APPLY_MODEL, "wavepass-test-record", record)
+    return clone
+
+
+def run_reference(tiny: comfy_models.TinyModel, threshold: float) -> ReferenceRun:
+    if tiny.name == "sdxl":  # a UNet: the stage reference (comfy_reference.installed)
+        cache = comfy_reference.installed("sdxl", tiny.diffusion_model, comfy_reference.unet_cache(threshold))
+    else:
+        cache = comfy_reference.installed_on_blocks(tiny.name, tiny.diffusion_model, tiny.spec.cached_blocks,
+                                                    ReferenceFBCache(threshold))
+    outputs = []
+    with cache as reference:
+        samples = ksample(recording(tiny.patcher, outputs), tiny)
+    return ReferenceRun(samples, list(reference.decisions), outputs)
+
+
 def run_patched(tiny: comfy_models.TinyModel, threshold: float) -> Run:
     (patched,) = ApplyFirstBlockCache.execute(
         model=tiny.patcher, object_to_patch="diffusion_model", residual_diff_threshold=threshold,
@@ -116,13 +166,15 @@ def run_patched(tiny: comfy_models.TinyModel, threshold: float) -> Run:
     torch._dynamo.reset()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        samples = ksample(patched, tiny)
+        outputs = []
+        samples = ksample(recording(patched, outputs), tiny)
     return Run(
         samples=samples,
         stats=wavepass.stats(patched),
         blocks=[p.blocks for p in programs_of(tiny.diffusion_model)],
         warnings=[str(w.message) for w in caught if str(w.message).startswith("wavespeed")],
         model_replaced=tiny.patcher.model.diffusion_model is not tiny.diffusion_model,
+        outputs=outputs,
     )
 
 
@@ -199,6 +251,22 @@ def test_threshold_skips_some_steps(name):
     assert not torch.equal(run.samples, e.reference)  # the skips took effect
     change = (run.samples - e.reference).abs().mean() / e.reference.abs().mean()
     assert change < CLOSE, f"cached output differs by {change:.3f} (relative)"
+
+
+@pytest.mark.parametrize("factor", RULE_FACTORS)
+@pytest.mark.parametrize("name", comfy_models.MODEL_NAMES)
+def test_every_call_follows_the_rule(name, factor):
+    """Decisions and outputs, call by call, equal the independent reference cache's, at the
+    test threshold and at a higher one (where a signal measured otherwise than as the first
+    block's residual decides otherwise)."""
+    e = experiment(name)
+    threshold = THRESHOLDS[name] * factor
+    ours = e.cached if factor == 1 else run_patched(e.tiny, threshold)
+    rule = run_reference(e.tiny, threshold)
+    assert list(ours.stats.decisions) == rule.decisions
+    assert len(ours.outputs) == len(rule.outputs) == STEPS
+    for call, (output, expected) in enumerate(zip(ours.outputs, rule.outputs)):
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"call {call}: {m}")
 
 
 @pytest.mark.parametrize("name", comfy_models.MODEL_NAMES)
