@@ -16,12 +16,21 @@ compilation for the compiled ones), the median time per denoising step over repe
 the speed-up over eager, how many steps the cache skipped, and how far the final latent
 drifts from the eager one (max abs difference and a PSNR-like figure).
 
+How it measures, so that its figures can be trusted on a shared machine: every configuration
+runs with the same number of intra-op threads (`--threads`), and the measured runs take turns
+(eager, inductor, wavespeed, eager, ...), so a burst of load elsewhere hits every
+configuration alike instead of one. Where one configuration's repeats still spread by more
+than `NOISE_BOUND` (max - min over median), the machine was too busy for its figures: the
+demo says so, prints no speed-up it cannot stand behind, and marks the JSON
+(`"trustworthy": false`).
+
 Run from the repository root:  python benchmarks/demo.py [--size tiny] [--json results.json]
 """
 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -50,6 +59,7 @@ TEXT_TOKENS = 16
 CHANNELS = 16
 TEXT_DIM = 64
 POOLED_DIM = 32
+NOISE_BOUND = 0.25  # the most (max - min) / median a configuration's repeats may spread
 
 
 @dataclass
@@ -58,6 +68,8 @@ class Result:
     first_run_s: float
     ms_per_step: float
     latent: torch.Tensor
+    runs_s: list[float]  # the measured runs, in the order they ran
+    spread: float  # (max - min) / median of the measured runs
     hits: str = "-"
 
 
@@ -69,8 +81,14 @@ def parse_args():
                         help="wavespeed residual_diff_threshold")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=5, help="measured runs per configuration")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads of every configuration (default: torch's, "
+                             f"{torch.get_num_threads()} here)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.threads < 1 or args.repeats < 1:
+        parser.error("--threads and --repeats must be at least 1")
+    return args
 
 
 def build_model(size, seed):
@@ -149,26 +167,42 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def measure(name, model, inputs, args, before_run=lambda: None):
-    """One warm-up run (compiles, if compiled), then `args.repeats` measured runs."""
-    first_run_s, _ = timed(lambda: sample(model, inputs, args.steps))
-    times = []
+@dataclass
+class Config:
+    """One configuration: its model, and what runs before each of its measured runs."""
+
+    name: str
+    model: object
+    before_run: object = lambda: None
+    first_run_s: float = 0.0
+
+
+def measure(configs, inputs, args):
+    """A first run of each configuration (compiles, if compiled), then `args.repeats` rounds
+    in which every configuration runs once, in turn."""
+    for config in configs:
+        config.first_run_s, _ = timed(lambda: sample(config.model, inputs, args.steps))
+    times = {config.name: [] for config in configs}
+    latents = {}
     for _ in range(args.repeats):
-        before_run()
-        seconds, latent = timed(lambda: sample(model, inputs, args.steps))
-        times.append(seconds)
-    ms_per_step = statistics.median(times) / args.steps * 1e3
-    return Result(name, first_run_s, ms_per_step, latent)
+        for config in configs:
+            config.before_run()
+            seconds, latents[config.name] = timed(lambda: sample(config.model, inputs, args.steps))
+            times[config.name].append(seconds)
+    results = []
+    for config in configs:
+        median = statistics.median(times[config.name])
+        spread = (max(times[config.name]) - min(times[config.name])) / median
+        results.append(Result(config.name, config.first_run_s, median / args.steps * 1e3,
+                              latents[config.name], times[config.name], spread))
+    return results
 
 
-def run_wavespeed(model, inputs, args):
+def wavespeed_config(model, args):
     compiled = torch.compile(
         model, backend="wavespeed", options={"residual_diff_threshold": args.threshold}
     )
-    result = measure("wavespeed", compiled, inputs, args, lambda: wavepass.reset(compiled))
-    st = wavepass.stats(compiled)
-    result.hits = f"{st.hits}/{st.calls}"
-    return result, "".join("X" if skipped else "." for skipped in st.decisions)
+    return Config("wavespeed", compiled, lambda: wavepass.reset(compiled))
 
 
 def accuracy(latent, ref):
@@ -187,25 +221,38 @@ def table_rows(results):
         max_diff, psnr = accuracy(r.latent, eager.latent)
         rows.append(dict(config=r.name, compile_and_first_run_s=r.first_run_s,
                          ms_per_step=r.ms_per_step, speedup_vs_eager=eager.ms_per_step / r.ms_per_step,
-                         cache_hits=r.hits, max_abs_diff=max_diff, psnr_db=psnr))
+                         runs_s=r.runs_s, spread=r.spread, cache_hits=r.hits, max_abs_diff=max_diff,
+                         psnr_db=psnr))
     return rows
 
 
+def trustworthy(rows):
+    return all(row["spread"] <= NOISE_BOUND for row in rows)
+
+
 def print_table(rows):
-    print(f"{'config':<10} {'compile+1st(s)':>14} {'ms/step':>9} {'speed-up':>8} "
+    trusted = trustworthy(rows)
+    print(f"{'config':<10} {'compile+1st(s)':>14} {'ms/step':>9} {'spread':>7} {'speed-up':>8} "
           f"{'hits':>6} {'max|diff|':>9} {'PSNR(dB)':>8}")
     for row in rows:
+        speedup = f"{row['speedup_vs_eager']:>7.2f}x" if trusted else f"{'-':>8}"
         print(f"{row['config']:<10} {row['compile_and_first_run_s']:>14.2f} {row['ms_per_step']:>9.2f} "
-              f"{row['speedup_vs_eager']:>7.2f}x {row['cache_hits']:>6} "
+              f"{row['spread']:>6.0%} {speedup} {row['cache_hits']:>6} "
               f"{row['max_abs_diff']:>9.2e} {row['psnr_db']:>8.1f}")
+    if not trusted:
+        noisy = ", ".join(f"{row['config']} {row['spread']:.0%}" for row in rows if row["spread"] > NOISE_BOUND)
+        print(f"WARNING: the measured runs spread by more than {NOISE_BOUND:.0%} ({noisy}): this machine "
+              f"was too busy for per-step times to mean anything, so no speed-up is printed. Rerun on "
+              f"a quiet machine, or with fewer threads (--threads 1), or more repeats (--repeats 9).")
 
 
 def write_json(path, args, rows, decisions):
     finite_rows = [{k: None if isinstance(v, float) and math.isinf(v) else v for k, v in row.items()}
                    for row in rows]  # strict JSON has no Infinity: an exact match has PSNR null
     record = dict(torch=torch.__version__, diffusers=diffusers.__version__, device="cpu",
-                  threads=torch.get_num_threads(), settings=vars(args), rows=finite_rows,
-                  wavespeed_decisions=decisions)
+                  threads=torch.get_num_threads(), cores=os.cpu_count(), load_average=os.getloadavg(),
+                  settings=vars(args), noise_bound=NOISE_BOUND, trustworthy=trustworthy(rows),
+                  rows=finite_rows, wavespeed_decisions=decisions)
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=str)
         f.write("\n")
@@ -213,22 +260,23 @@ def write_json(path, args, rows, decisions):
 
 def main():
     args = parse_args()
+    torch.set_num_threads(args.threads)  # every configuration, eager and compiled, alike
     print(f"torch {torch.__version__} | diffusers {diffusers.__version__} | device cpu "
-          f"({torch.get_num_threads()} threads)")
+          f"({torch.get_num_threads()} threads of {os.cpu_count()} cores; load average "
+          f"{os.getloadavg()[0]:.1f})")
     model = build_model(args.size, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"Flux {args.size}: {n_params / 1e6:.2f}M params, {args.steps} steps, "
           f"{IMAGE_SIDE * IMAGE_SIDE} image + {TEXT_TOKENS} text tokens, "
-          f"threshold {args.threshold}, {args.repeats} measured runs each")
+          f"threshold {args.threshold}, {args.repeats} measured runs each, in turns")
     inputs = make_inputs(args.seed)
 
-    results = [
-        measure("eager", model, inputs, args),
-        measure("inductor", torch.compile(model, backend="inductor"), inputs, args),
-    ]
-    torch._dynamo.reset()
-    wavespeed, decisions = run_wavespeed(model, inputs, args)
-    results.append(wavespeed)
+    wavespeed = wavespeed_config(model, args)
+    results = measure([Config("eager", model), Config("inductor", torch.compile(model, backend="inductor")),
+                       wavespeed], inputs, args)
+    stats = wavepass.stats(wavespeed.model)
+    results[-1].hits = f"{stats.hits}/{stats.calls}"
+    decisions = "".join("X" if skipped else "." for skipped in stats.decisions)
 
     rows = table_rows(results)
     print_table(rows)
