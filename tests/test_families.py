@@ -1,4 +1,5 @@
-"""The `wavespeed` backend on the video families of `families.py`: LTX-Video, Wan, HunyuanVideo.
+"""The `wavespeed` backend on the families of `families.py`: LTX-Video, Wan, HunyuanVideo,
+Qwen-Image, Chroma, Lumina 2, FLUX.2, Sana, CogView4 and HunyuanVideo 1.5.
 
 As in `test_backend.py`, cached runs are compared with `ReferenceFBCache` over the eager
 model's stages and uncached ones with the eager or plain-Inductor model.
@@ -15,7 +16,7 @@ from fbcache_reference import ReferenceFBCache
 from test_backend import STEPS, assert_matches_reference, compiled, run_backend, run_reference
 from wavepass.runtime import programs_of
 
-FAMILIES = ("ltx_video", "wan", "hunyuan_video")
+FAMILIES = ("ltx_video", "wan", "hunyuan_video", "qwen_image", "chroma", "lumina2", "flux2", "sana", "cogview4")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -55,5 +56,23 @@ def test_sampling_matches_reference(case, no_fallback):
 
 def test_discovers_the_expected_blocks(case, no_fallback):
     run_backend(case, compiled(case.model, compiler="eager"), steps=1)
+    (program,) = programs_of(case.model)
+    assert program.blocks == case.blocks
+
+
+def test_hunyuan_video15_stages_are_the_model(no_fallback):
+    """The case below is right about the model: its reference at threshold 0 is the eager model."""
+    test_stages_are_the_model(families.hunyuan_video15(), no_fallback)
+
+
+def test_hunyuan_video15_follows_the_rule(no_fallback):
+    """Its prologue sorts the context by boolean masks in a loop (a graph break in a loop:
+    Dynamo runs the forward as Python, and the rest of it after the first break as its resume
+    function): the split path, which reads the streams from that resume function's frame."""
+    case = families.hunyuan_video15()
+    cache = ReferenceFBCache(case.mixed_threshold)
+    model = compiled(case.model, residual_diff_threshold=case.mixed_threshold, compiler="eager")
+    assert_matches_reference(case, model, cache)
+    assert 0 < sum(cache.decisions) < STEPS
     (program,) = programs_of(case.model)
     assert program.blocks == case.blocks

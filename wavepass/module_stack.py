@@ -72,12 +72,21 @@ def owner_variables(owner: torch.nn.Module) -> list[object]:
     codes = _own_codes(type(owner))
     frame = sys._getframe(1)
     while frame is not None:
-        code = frame.f_code
-        if code in codes and code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is owner:
-            values = frame.f_locals
+        code, values = frame.f_code, frame.f_locals
+        if code in codes and code.co_argcount and values.get(code.co_varnames[0]) is owner:
             return [values[name] for name in (*code.co_varnames[1:], *code.co_cellvars) if name in values]
+        if code.co_name.startswith(RESUME_PREFIX) and any(value is owner for value in values.values()):
+            # the rest of the owner's method after a graph break: Dynamo passes its stack
+            # (`___stack0`, ...) and then the method's live variables, by their own names
+            return [values[name] for name in (*code.co_varnames, *code.co_cellvars)
+                    if name in values and not name.startswith("___") and values[name] is not owner]
         frame = frame.f_back
     return []
+
+
+# Dynamo runs the rest of a frame after a graph break as a function it makes, named so
+# (`torch_dynamo_resume_in_forward_at_702`); where it cannot compile it, it runs as Python.
+RESUME_PREFIX = "torch_dynamo_resume_in_"
 
 
 def modules_on_call_stack() -> list[torch.nn.Module]:
