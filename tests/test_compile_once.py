@@ -161,7 +161,7 @@ def check_a_new_process_finds_every_piece(folder) -> None:
     head_tail_and_block_graphs = 2 + DEEP["flux"][4]
     assert aot.get("autograd_cache_hit") == head_tail_and_block_graphs and not aot.get("autograd_cache_miss"), aot
     assert runs == ["CompiledFxGraph"] * DEEP["flux"][4]
-    assert built_libraries() == libraries
+    assert built_libraries() == libraries, sorted(built_libraries() ^ libraries)
 
 
 def built_libraries() -> set[str]:

@@ -194,6 +194,27 @@ def test_bundles_link_with_gold_and_fall_back_to_the_default_linker(monkeypatch,
     assert loads == ([gold, gold] if linker_works else [gold, (), ()])
 
 
+def test_the_vector_isa_is_picked_before_the_build_threads_start(monkeypatch):
+    """Inductor's pick of the vector instructions (whose flags are in every library's key)
+    is made in the thread that submits the builds, before any build thread runs: two build
+    threads making a process's first pick at once could leave `-mavx512bf16` twice in the
+    flags, and so every bundle under another key than in the process that built it."""
+    events = []
+    monkeypatch.setattr(cpp_bundle, "pick_vec_isa", lambda: events.append(("pick", threading.get_ident())))
+    monkeypatch.setattr(cpp_bundle, "_build_chunk", lambda kernels: events.append(("build", threading.get_ident())))
+    recorded = [(f"k{i}", Kernel(ARGTYPES, SCALE % f"{i}.0f"), {}) for i in range(2 * cpp_bundle._MIN_CHUNK)]
+    cpp_bundle._submit(recorded)
+    cpp_bundle.wait_for_builds()
+    assert events[0] == ("pick", threading.get_ident())
+    assert [kind for kind, _ in events[1:]] == ["build"] * len(cpp_bundle._chunks(recorded))
+
+
+def test_the_bundle_source_names_wavepass_sources():
+    from wavepass.block_op import source_key
+
+    assert bundle_source([Kernel(ARGTYPES, SCALE % "2.0f")]).splitlines()[0] == f"// wavepass {source_key()}"
+
+
 def test_the_bundle_is_active_only_inside_the_context():
     original = torch._inductor.async_compile.AsyncCompile.cpp_pybinding
     with bundled_cpp_kernels():

@@ -11,9 +11,11 @@ structure again per block. A chain: the first block takes `operands[:len(carry)]
 further block takes, at input i, output `carry[i]` of the block before it, or where that is
 -1 the next of its own operands (its weights, the shared conditioning).
 
-`name` is a hash of the structure's program, input layouts, Inductor options and the
-autocast it is compiled under, so equal names are equal programs: a piece in Inductor's
-on-disk cache calls the structure by the same name in a new process. Structures are static:
+`name` is a hash of the structure's program, input layouts (tensor type and dtype of every
+input included), Inductor options, the autocast it is compiled under and wavepass's own
+sources (`source_key`), so equal names are equal programs: a piece in Inductor's on-disk
+cache calls the structure by the same name in a new process, and a piece cached by another
+wavepass calls none of this one's structures. Structures are static:
 a structure whose sizes are symbolic is not called through this operator (Inductor's code
 for it could rest on facts about the symbols that only its own graph's guards check). Each
 compiled piece holds its structures (`Structure`); the registry only refers to them, so a
@@ -22,6 +24,9 @@ structure lives as long as a piece that calls it.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import weakref
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
@@ -45,6 +50,35 @@ class Structure:
     key: Hashable
     run: Callable[..., Any]
     outputs: tuple[Layout, ...]
+
+
+# The modules whose code decides what wavepass's on-disk cache entries hold beyond the graphs
+# Inductor keys them by: the block call and its code generation (here), how block graphs
+# are keyed, named, cut and compiled, the bundles' binding, the torch internals used. The
+# passes that decide where a graph is cut (partition, find_blocks, find_streams) are not
+# listed: the graphs they hand Inductor are in its keys already.
+_KEYED_SOURCES = ("block_op.py", "compilers.py", "cpp_bundle.py", "torch_api.py", "passes/outline_blocks.py",
+                  "passes/call_compiled_blocks.py", "passes/call_blocks_directly.py", "passes/fx_facts.py")
+
+
+@functools.cache
+def source_key() -> str:
+    """A hash of wavepass's version and of the sources of `_KEYED_SOURCES`: part of every
+    key wavepass puts into an on-disk cache (the structures' names, which the pieces'
+    Inductor and AOTAutograd cache entries hold; the bundles' sources). What such an entry
+    holds beyond its graph (a piece's code calling `run_blocks`, a block graph keyed and cut
+    by these passes, a bundle's binding) is decided by these sources, which Inductor's own
+    keys do not see: an entry another wavepass wrote is never found (vLLM keys its compile
+    cache on its passes' source the same way)."""
+    from . import __version__
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256(f"wavepass {__version__}".encode())
+    for name in _KEYED_SOURCES:
+        digest.update(name.encode())
+        with open(os.path.join(package, name), "rb") as source:
+            digest.update(source.read())
+    return digest.hexdigest()[:20]
 
 
 def layouts(values: Iterable[torch.Tensor]) -> tuple[Layout, ...]:

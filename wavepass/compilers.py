@@ -12,6 +12,10 @@ and models (`block_op.py`: a registry by name), and the piece calls it through
 `wavepass.blocks` (`passes/call_compiled_blocks.py`); subgraphs with symbolic sizes stay
 in the piece, which Inductor lowers once per piece. A piece's C++ kernels are built as one
 library per compile worker, the small pieces' together (`cpp_bundle.py`).
+The pieces share the Dynamo graph's shape environment: a Python float that only some of them
+read stays symbolic while the others compile (`_compile_fx`), so a float compiles no more
+graphs than under plain Inductor, and Dynamo's restarts of its analysis pass through
+`compile_graph` (issue 29).
 Counts land in `torch._dynamo.utils.counters["wavepass"]` (`torch_api.counters()`); a
 `CompileSession` per Dynamo graph (per fake mode) sums them for the log.
 
@@ -27,12 +31,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-import os
 import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +44,7 @@ import torch
 from torch.fx import GraphModule
 
 from . import torch_api
-from .block_op import BLOCKS, Structure, call_directly_from_inductor, layouts, register, registered
+from .block_op import BLOCKS, Structure, call_directly_from_inductor, layouts, register, registered, source_key
 from .notices import warn_once
 from .options import CacheOptions
 from .passes.call_blocks_directly import call_blocks_directly, calls_only_blocks
@@ -97,16 +101,36 @@ def compile_pieces(pieces: Sequence[tuple[str, GraphModule, Sequence[Any]]], opt
     """Compile the (name, graph, example inputs) pieces of one Dynamo graph; return them in
     order. A block structure that occurs in more than one piece, even once in each, is
     compiled once. The largest piece is compiled first: its C++ kernels, the most, build in
-    the background (`cpp_bundle`) while the smaller pieces are lowered."""
+    the background (`cpp_bundle`) while the smaller pieces are lowered. A Python float that
+    only some pieces read stays symbolic while the others compile (`_compile_fx`)."""
     occurrences: Counter[Hashable] = Counter()
     if _outlines(options):
         for _, gm, _ in pieces:
             occurrences += _structures_in(gm)
     largest_first = sorted(range(len(pieces)), key=lambda i: -len(pieces[i][1].graph.nodes))
-    with _batched_builds() if _bundles(options) else nullcontext():
-        compiled = {i: compile_graph(pieces[i][1], pieces[i][2], options, mode, pieces[i][0], occurrences)
-                    for i in largest_first}
+    floats = (frozenset().union(*(_floats_read(gm) for _, gm, _ in pieces))
+              if options.compiler != "eager" else frozenset())
+    token = _graph_floats.set(floats)
+    try:
+        with _batched_builds() if _bundles(options) else nullcontext():
+            compiled = {i: compile_graph(pieces[i][1], pieces[i][2], options, mode, pieces[i][0], occurrences)
+                        for i in largest_first}
+    finally:
+        _graph_floats.reset(token)
     return [compiled[i] for i in range(len(pieces))]
+
+
+# The float symbols ("zf0") that the pieces of the Dynamo graph being compiled read, while
+# `compile_pieces` compiles them: a piece or block graph that does not read one leaves it
+# symbolic for the others (`_compile_fx`). Empty for a graph compiled on its own.
+_graph_floats: ContextVar[frozenset[str]] = ContextVar("wavepass_graph_floats", default=frozenset())
+
+
+def _floats_read(gm: GraphModule) -> frozenset[str]:
+    """The float symbols free in the values Dynamo recorded on `gm`'s nodes and on those of
+    its subgraphs (outlined blocks): the Python floats it reads (`torch_api.float_symbols`)."""
+    return torch_api.float_symbols(example_value(node) for module in gm.modules()
+                                   if isinstance(module, GraphModule) for node in module.graph.nodes)
 
 
 def _outlines(options: CacheOptions) -> bool:
@@ -159,6 +183,7 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     compiled = None
     if found is not None:
         outlined, piece = found
+        restarts = torch_api.restart_exceptions()
         try:
             structures, new = _compiled_structures(outlined, patches, options)
             python = _runs_as_python(piece, patches)
@@ -168,6 +193,8 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
             detail = session.add(piece, structures, new) + (", run as Python" if python else "")
             if python:
                 torch_api.counters()["wavepass"]["python_pieces"] += 1
+        except restarts:  # Dynamo's control flow (a float to specialize): not a failure
+            raise
         except Exception as exc:  # e.g. a block Inductor cannot compile as a subgraph
             log.info("wavespeed: compiling %s whole: its blocks failed to compile as subgraphs (%s: %s)",
                      name, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
@@ -269,12 +296,14 @@ def _compiled_structures(outlined: GraphModule, patches: dict[str, Any],
 
 def _structure_names(outlined: GraphModule, patches: dict[str, Any]) -> dict[str, str]:
     """The registry name of each static block subgraph of `outlined`, by attribute: a hash
-    of its structure, Inductor's patches and the autocast state it is compiled under."""
+    of its structure (the tensor type and dtype of every input included), Inductor's
+    patches, the autocast state it is compiled under and wavepass's sources
+    (`block_op.source_key`): the name rides in the calling pieces' on-disk cache keys."""
     names = {}
     block_patches = sorted(_block_patches(patches).items())
     for kind, subgraph in outlined.named_children():
         if "structure" in getattr(subgraph, "meta", {}) and is_static(subgraph):
-            program = (subgraph.meta["structure"], block_patches, _autocast_state(subgraph))
+            program = (subgraph.meta["structure"], block_patches, _autocast_state(subgraph), source_key())
             names[kind] = "wp_" + hashlib.sha256(repr(program).encode()).hexdigest()[:20]
     return names
 
@@ -314,44 +343,53 @@ def _block_callable(name: str, subgraph: GraphModule, inputs: Sequence[Any], pat
     a step of the 12-block SD3 benchmark model. They do nothing for a graph on plain tensors
     that mutates no input, returns no alias, uses no effect tokens or functionalized RNG
     (`_runs_bare`), compiled without grad and outside autocast (`_compiled_for_inference`).
-    AOTAutograd says whether the first hold only when it traces the graph; a new process
-    that loads the graph from AOTAutograd's cache gets the wrapped callable alone. So that
-    verdict is kept in Inductor's cache folder by the structure's name (`_verdicts`), and a
-    structure whose verdict is bare is run as the compiled module at the end of the
-    wrappers' `__wrapped__` chain. Without a verdict, or where the chain ends elsewhere, or
-    on a torch without the APIs this needs (`bare_block_graphs`), the wrappers run."""
+    The verdict is read from the artefact this process actually runs: the AOTAutograd
+    cache entry it was saved as or loaded from (`torch_api.aot_entry`: its runtime
+    metadata and subclass metadata), so a new process that loads the block from the cache
+    decides as the process that traced it did, from the same entry, and nothing else on
+    disk speaks for it. The bare callable is the compiled module at the end of the
+    wrappers' `__wrapped__` chain. Without an entry (the AOTAutograd cache off), the
+    metadata of the trace in this process decides; where neither is there, or the chain
+    ends elsewhere, or on a torch without the APIs this needs (`bare_block_graphs`), the
+    wrappers run."""
     if not torch_api.enabled("bare_block_graphs"):
         unboxed = _unboxed(_compile_fx(subgraph, inputs, patches, _fake_mode_of(inputs), options))
         return lambda args: unboxed(*args)
-    verdicts = _verdicts()
-    traced: list[bool] = []  # the verdict, where AOTAutograd traced the block in this process
+    traced: list[Any] = []  # AOTAutograd's metadata, where it traced the block in this process
 
     def capture(gm: GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Any:
         compiled = torch_api.compile_fx_inner(gm, example_inputs, **kwargs)
-        traced.append(_runs_bare(compiled, gm, torch_api.api("TracingContext.try_get")(), inputs))
-        verdicts.record(name, traced[-1])
+        context = torch_api.api("TracingContext.try_get")()
+        traced.append(getattr(context, "fw_metadata", None) if context is not None else None)
         return compiled
 
     wrapped = _compile_fx(subgraph, inputs, patches, _fake_mode_of(inputs), options, inner_compile=capture)
     inner = inspect.unwrap(wrapped)
-    bare = (traced[-1] if traced else verdicts.bare(name)) and _compiled_for_inference()
-    if bare and isinstance(inner, torch_api.api("CompiledFxGraph")):
+    entry = torch_api.aot_entry(wrapped)
+    if entry is not None:
+        metadata, subclass = getattr(entry, "runtime_metadata", None), getattr(entry, "maybe_subclass_meta", None)
+    else:
+        metadata, subclass = (traced[-1] if traced else None), None
+    if _compiled_for_inference() and _runs_bare(inner, metadata, subclass, inputs):
         return inner
     unboxed = _unboxed(wrapped)
     return lambda args: unboxed(*args)
 
 
-def _runs_bare(compiled: Any, gm: GraphModule, context: Any, inputs: Sequence[Any]) -> bool:
-    """Whether AOTAutograd's runtime wrappers pass `inputs` to `compiled` (its compile of
-    `gm`) and its outputs back unchanged (see `_block_callable`); `context`: the tracing
-    context AOTAutograd traced `gm` in. Metadata this torch does not have: not bare."""
+def _runs_bare(compiled: Any, metadata: Any, subclass: Any, inputs: Sequence[Any]) -> bool:
+    """Whether AOTAutograd's runtime wrappers pass `inputs` to `compiled` (the end of their
+    chain) and its outputs back unchanged (see `_block_callable`), by the runtime
+    `metadata` (ViewAndMutationMeta) and `subclass` metadata of the graph AOTAutograd
+    compiled: one input per input (no duplicate removed, no synthetic base), no tensor
+    subclass, no mutated input, no aliased output, no effect tokens, no functionalized RNG.
+    Metadata this torch does not have, or none: not bare."""
     output_type = torch_api.api("OutputType")
-    wrapper_subclass = torch_api.api("is_traceable_wrapper_subclass")
     try:
-        metadata = context.fw_metadata if context is not None else None
         return (isinstance(compiled, torch_api.api("CompiledFxGraph")) and metadata is not None
-                and len(gm.graph.find_nodes(op="placeholder")) == len(inputs)
-                and not any(map(wrapper_subclass, inputs))
+                and subclass is None
+                and not any(isinstance(x, torch.Tensor) and type(x) is not torch.Tensor
+                            and not isinstance(x, torch_api.plain_tensor_types()) for x in inputs)
+                and len(metadata.input_info) == len(inputs)
                 and metadata.num_mutated_inp_runtime_indices == 0
                 and metadata.num_intermediate_bases == 0
                 and all(o.output_type == output_type.non_alias for o in metadata.output_info)
@@ -364,35 +402,6 @@ def _compiled_for_inference() -> bool:
     """No grad, no autocast where the block is compiled. Checked here, outside `compile_fx`:
     inside it AOTAutograd has turned autocast off, so `_runs_bare` cannot see it."""
     return not torch.is_grad_enabled() and not torch_api.api("is_any_autocast_enabled")()
-
-
-@dataclass(frozen=True)
-class _Verdicts:
-    """Which block structures `_runs_bare` found bare: one small file per structure name and
-    torch version in Inductor's cache folder, beside the compiled code it speaks of."""
-
-    folder: str
-
-    def record(self, name: str, bare: bool) -> None:
-        os.makedirs(self.folder, exist_ok=True)
-        path = self._path(name)
-        with open(f"{path}.{os.getpid()}", "w") as f:
-            f.write("bare" if bare else "wrapped")
-        os.replace(f"{path}.{os.getpid()}", path)
-
-    def bare(self, name: str) -> bool:
-        try:
-            with open(self._path(name)) as f:
-                return f.read() == "bare"
-        except OSError:
-            return False
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.folder, f"{name}-torch-{torch.__version__}")
-
-
-def _verdicts() -> _Verdicts:
-    return _Verdicts(os.path.join(torch_api.api("inductor_cache_dir")(), "wavepass-bare"))
 
 
 @dataclass(frozen=True)
@@ -440,9 +449,13 @@ def _compile_fx(gm: GraphModule, example_inputs: Sequence[Any], patches: dict[st
                 inner_compile: Callable[..., Any] | None = None) -> Callable[..., Any]:
     """compile_fx on one graph, its C++ kernels built as one library (`cpp_bundle`). Graphs
     are compiled on their own, each in a tracing context of its own, so one graph's output
-    strides and metadata never leak into another's or Dynamo's."""
+    strides and metadata never leak into another's or Dynamo's. A float that other pieces of
+    the Dynamo graph read, and `gm` does not, stays symbolic (`torch_api.floats_read_elsewhere`):
+    plain Inductor, which compiles the whole graph, specializes none of them either."""
+    elsewhere = _graph_floats.get()
     with (_bundled_cpp_kernels() if _bundles(options) else nullcontext(),
-          torch_api.tracing(fake_mode) if fake_mode is not None else nullcontext()):
+          torch_api.tracing(fake_mode) if fake_mode is not None else nullcontext(),
+          torch_api.floats_read_elsewhere(elsewhere - _floats_read(gm)) if elsewhere else nullcontext()):
         return torch_api.compile_fx(gm, list(example_inputs),
                                     inner_compile=inner_compile or torch_api.api("compile_fx_inner"),
                                     config_patches=patches)

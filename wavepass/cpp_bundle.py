@@ -51,6 +51,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import torch_api
+from .block_op import source_key
 
 # Inductor's internals the bundle patches and extends (`torch_api`, feature `bundle_kernels`).
 # This module is imported only where `torch_api.enabled("bundle_kernels")`; on a torch
@@ -59,6 +60,7 @@ AsyncCompile = torch_api.api("AsyncCompile")
 CppPythonBindingsCodeCache = torch_api.api("CppPythonBindingsCodeCache")
 clear_on_fresh_cache = torch_api.api("clear_on_fresh_cache")
 get_compile_threads = torch_api.api("get_compile_threads")
+pick_vec_isa = torch_api.api("pick_vec_isa")
 
 log = logging.getLogger("wavepass")
 _ENTRY = re.compile(r'extern "C"(?=\s+(?:\w+\s+)*?kernel\s*\()')
@@ -163,13 +165,30 @@ def _build_then_wait(self: AsyncCompile, scope: dict[str, Any]) -> None:
 
 
 def _submit(recorded: list[tuple[str, Kernel, dict[str, Any]]]) -> None:
-    """Build these kernels in the background, in chunks; each kernel waits for its chunk."""
+    """Build these kernels in the background, in chunks; each kernel waits for its chunk.
+    Inductor's choice of vector instructions is settled first, here, in the calling thread
+    (`_settle_vec_isa`)."""
+    if recorded:
+        _settle_vec_isa()
     for chunk in _chunks(recorded):
         build = _builders().submit(_build_chunk, [kernel for _, kernel, _ in chunk])
         _running.add(build)
         build.add_done_callback(_running.discard)
         for index, (name, kernel, scope) in enumerate(chunk):
             kernel.bind(build, index, scope, name)
+
+
+def _settle_vec_isa() -> None:
+    """Pick Inductor's vector instruction set (`pick_vec_isa`, cached per process) in this
+    thread, before any build thread needs it. The pick is not thread-safe: its probe for
+    AVX512-BF16 appends " -mavx512bf16" to the chosen ISA's flags while it builds a test
+    library, then restores the old flags; two build threads that make the first pick of a
+    process at once can leave the flag in them twice. The flags are part of every library's
+    compile command, so of its on-disk key: a process whose first C++ build is two bundles at
+    once (a warm start: every graph loaded from the cache, no lowering before) then looked
+    for every bundle under other keys than the process that built them, and built them
+    all again (issue 29). Inductor itself picks in the thread that lowers or loads a graph."""
+    pick_vec_isa()
 
 
 def wait_for_builds() -> None:
@@ -258,7 +277,9 @@ def _reason(exc: Exception) -> str:
 
 def bundle_source(kernels: list[Kernel]) -> str:
     """One C++ source: every kernel in a namespace of its own (its includes hoisted), then a
-    Python method `kernel_<i>` per kernel and the module's init."""
+    Python method `kernel_<i>` per kernel and the module's init. Its first line names
+    wavepass's sources (`block_op.source_key`), so the library's on-disk key (the source and
+    the compile command) changes with the binding code that wraps Inductor's kernels."""
     includes: dict[str, None] = {}
     bodies, methods, table = [], [], []
     for index, kernel in enumerate(kernels):
@@ -269,7 +290,8 @@ def bundle_source(kernels: list[Kernel]) -> str:
         arguments = ", ".join(f"arg<{_parsed_type(t)}>(args, {n})" for n, t in enumerate(kernel.argtypes))
         methods.append(_METHOD.format(index=index, count=len(kernel.argtypes), arguments=arguments))
         table.append(f'    {{"kernel_{index}", kernel_{index}_py, METH_VARARGS, ""}},')
-    return "\n".join([*includes, *bodies, _BINDING, *methods, _MODULE.format(table="\n".join(table))])
+    return "\n".join([f"// wavepass {source_key()}", *includes, *bodies, _BINDING, *methods,
+                      _MODULE.format(table="\n".join(table))])
 
 
 _BINDING = """

@@ -29,7 +29,6 @@ is absent the passes find no blocks and the graph is compiled whole after the us
 | list_mode_options | torch._inductor | 2.11-2.15 | core: a mode's Inductor options | core off |
 | TracingContext, tracing | torch._guards | 2.11-2.15 | core: a tracing context per graph | core off |
 | FakeTensor | torch._subclasses.fake_tensor | 2.11-2.15 | core: the fake mode of Dynamo's values | core off |
-| optimization_hint | torch.fx.experimental.symbolic_shapes (2.11: `size_hint`) | 2.11-2.15 | core: partition, the largest stream | core off |
 | free_symbols, statically_known_true | torch.fx.experimental.symbolic_shapes | 2.11-2.15 | core: the passes' size facts | core off |
 | list_backends, register_backend | torch._dynamo | 2.11-2.15 | registering `wavespeed` at `import wavepass` | INFO line; the entry point registers it |
 | lookup_backend | torch._dynamo | 2.11-2.15 | `plain_inductor` where compile_fx is missing | the graph runs eagerly |
@@ -37,6 +36,8 @@ is absent the passes find no blocks and the graph is compiled whole after the us
 | counters | torch._dynamo.utils | 2.11-2.15 | dynamo_counters | counts kept in `counters()` |
 | inductor_cudagraphs | torch._inductor.config.triton.cudagraphs | 2.11-2.15 | python_pieces | such pieces are compiled |
 | invoke_subgraph | torch.ops.higher_order | 2.11-2.15 | outline_blocks | pieces compiled whole |
+| is_traceable_wrapper_subclass | torch.utils._python_dispatch | 2.11-2.15 | outline_blocks: a structure's key names a wrapper subclass's inner tensors; block graphs on subclasses are not called by name | pieces compiled whole |
+| FunctionalTensor | torch._subclasses.functional_tensor | 2.11-2.15 | outline_blocks: a plain tensor while AOTAutograd traces | pieces compiled whole |
 | StorageWeakRef | torch.multiprocessing.reductions | 2.11-2.15 | outline_blocks: fresh outputs | pieces compiled whole |
 | CUSTOM_EXTERN_KERNEL_CODEGEN, CustomCodegen | torch._inductor.codegen.custom_extern_kernel_codegen | 2.11-2.15 | direct_block_calls | calls go through the dispatcher |
 | V | torch._inductor.virtualized | 2.11-2.15 | direct_block_calls: the wrapper's imports | calls go through the dispatcher |
@@ -45,17 +46,20 @@ is absent the passes find no blocks and the graph is compiled whole after the us
 | CompiledFxGraph | torch._inductor.output_code | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
 | OutputType | torch._functorch._aot_autograd.schemas | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
 | TracingContext.try_get | torch._guards | 2.11-2.15 | bare_block_graphs: AOTAutograd's metadata | AOTAutograd's wrappers run |
-| is_traceable_wrapper_subclass | torch.utils._python_dispatch | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
+| SerializableCompiledFunction | torch._functorch._aot_autograd.runtime_wrappers | 2.11-2.15 | bare_block_graphs: the metadata of the AOTAutograd entry loaded from its cache | AOTAutograd's wrappers run |
 | is_any_autocast_enabled | torch._C._is_any_autocast_enabled | 2.11-2.15 | bare_block_graphs | AOTAutograd's wrappers run |
-| inductor_cache_dir | torch._inductor.runtime.cache_dir_utils.cache_dir | 2.11-2.15 | bare_block_graphs: verdicts on disk | AOTAutograd's wrappers run |
 | AsyncCompile (.cpp_pybinding, .wait), get_compile_threads | torch._inductor.async_compile | 2.11-2.15 | bundle_kernels | one library per kernel |
 | CppPythonBindingsCodeCache (.load_pybinding, .entry_function) | torch._inductor.codecache | 2.11-2.15 | bundle_kernels | one library per kernel |
 | clear_on_fresh_cache | torch._inductor.utils | 2.11-2.15 | bundle_kernels | one library per kernel |
+| pick_vec_isa | torch._inductor.cpu_vec_isa | 2.11-2.15 | bundle_kernels: the ISA picked before the build threads start (its probe is not thread-safe) | one library per kernel |
 | dynamo_config | torch._dynamo.config | 2.11-2.15 | diagnosis.py (its owner's) | less specific reasons |
 | debug_get_cache_entry_list | torch._dynamo.eval_frame._debug_get_cache_entry_list | 2.11-2.15 | diagnosis.py | less specific reasons |
 | InstructionTranslator | torch._dynamo.symbolic_convert | 2.11-2.15 | diagnosis.py | less specific reasons |
 | get_eval_frame_callback | torch._C._dynamo.eval_frame | 2.11-2.15 | split_stacks: is `wavespeed` running this call | a stack split by graph breaks is not cached (the old warning) |
 | skip_code | torch._dynamo.eval_frame | 2.11-2.15 | split_stacks: the cache's block entry runs as Python, the block compiled | as above |
+| RestartAnalysis | torch._dynamo.exc | 2.13 (2.11, 2.15 not run) | dynamo_restarts: a restart raised inside a piece's compile goes on to Dynamo | caught as a failed outline: the piece compiled whole |
+| TensorifyState (.force_specializations) | torch._dynamo.symbolic_convert | 2.13 (2.11, 2.15 not run) | piece_floats: floats other pieces read stay symbolic | a float read in only some pieces is specialized: one graph per value |
+| SymT, symbol_is_type | torch.utils._sympy.symbol | 2.13 (2.11, 2.15 not run) | piece_floats: which symbols are floats | as above |
 | OpOverload, OpOverloadPacket | torch._ops | 2.11-2.15 | distributed.py (its owner's) | no collectives found |
 | resolve_process_group | torch.distributed.distributed_c10d._resolve_process_group | 2.11-2.15 | distributed.py | no collectives found |
 
@@ -75,8 +79,8 @@ import logging
 import threading
 import types
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,8 +99,6 @@ APIS: dict[str, tuple[str, ...]] = {
     "TracingContext": ("torch._guards.TracingContext",),
     "tracing": ("torch._guards.tracing",),
     "FakeTensor": ("torch._subclasses.fake_tensor.FakeTensor",),
-    "optimization_hint": ("torch.fx.experimental.symbolic_shapes.optimization_hint",
-                          "torch.fx.experimental.symbolic_shapes.size_hint"),
     "free_symbols": ("torch.fx.experimental.symbolic_shapes.free_symbols",),
     "statically_known_true": ("torch.fx.experimental.symbolic_shapes.statically_known_true",),
     # registration and the plain fallback
@@ -119,16 +121,23 @@ APIS: dict[str, tuple[str, ...]] = {
     "OutputType": ("torch._functorch._aot_autograd.schemas.OutputType",),
     "TracingContext.try_get": ("torch._guards.TracingContext.try_get",),
     "is_traceable_wrapper_subclass": ("torch.utils._python_dispatch.is_traceable_wrapper_subclass",),
+    "FunctionalTensor": ("torch._subclasses.functional_tensor.FunctionalTensor",),
+    "SerializableCompiledFunction": ("torch._functorch._aot_autograd.runtime_wrappers.SerializableCompiledFunction",),
     "is_any_autocast_enabled": ("torch._C._is_any_autocast_enabled",),
-    "inductor_cache_dir": ("torch._inductor.runtime.cache_dir_utils.cache_dir",),
     "AsyncCompile": ("torch._inductor.async_compile.AsyncCompile",),
     "AsyncCompile.cpp_pybinding": ("torch._inductor.async_compile.AsyncCompile.cpp_pybinding",),
     "AsyncCompile.wait": ("torch._inductor.async_compile.AsyncCompile.wait",),
     "get_compile_threads": ("torch._inductor.async_compile.get_compile_threads",),
+    "pick_vec_isa": ("torch._inductor.cpu_vec_isa.pick_vec_isa",),
     "CppPythonBindingsCodeCache": ("torch._inductor.codecache.CppPythonBindingsCodeCache",),
     "CppPythonBindingsCodeCache.load_pybinding": ("torch._inductor.codecache.CppPythonBindingsCodeCache.load_pybinding",),
     "CppPythonBindingsCodeCache.entry_function": ("torch._inductor.codecache.CppPythonBindingsCodeCache.entry_function",),
     "clear_on_fresh_cache": ("torch._inductor.utils.clear_on_fresh_cache",),
+    "RestartAnalysis": ("torch._dynamo.exc.RestartAnalysis",),
+    "TensorifyState": ("torch._dynamo.symbolic_convert.TensorifyState",),
+    "TensorifyState.force_specializations": ("torch._dynamo.symbolic_convert.TensorifyState.force_specializations",),
+    "SymT": ("torch.utils._sympy.symbol.SymT",),
+    "symbol_is_type": ("torch.utils._sympy.symbol.symbol_is_type",),
     # for diagnosis.py and distributed.py (their owners' files)
     "dynamo_config": ("torch._dynamo.config",),
     "debug_get_cache_entry_list": ("torch._dynamo.eval_frame._debug_get_cache_entry_list",),
@@ -141,7 +150,7 @@ APIS: dict[str, tuple[str, ...]] = {
 }
 
 CORE = ("compile_fx", "compile_fx_inner", "list_mode_options", "TracingContext", "tracing", "FakeTensor",
-        "optimization_hint", "free_symbols", "statically_known_true")
+        "free_symbols", "statically_known_true")
 
 
 class Missing(ImportError):
@@ -174,14 +183,14 @@ def _speaks_bundle_convention() -> str | None:
 FEATURES: dict[str, Feature] = {
     "bundle_kernels": Feature(
         "building a piece's C++ kernels as one library (cpp_bundle, option bundle_kernels)",
-        ("AsyncCompile", "AsyncCompile.cpp_pybinding", "AsyncCompile.wait", "get_compile_threads",
+        ("AsyncCompile", "AsyncCompile.cpp_pybinding", "AsyncCompile.wait", "get_compile_threads", "pick_vec_isa",
          "CppPythonBindingsCodeCache", "CppPythonBindingsCodeCache.load_pybinding",
          "CppPythonBindingsCodeCache.entry_function", "clear_on_fresh_cache"),
         "Inductor builds each kernel as a library of its own (slower cold compiles, same kernels)",
         _speaks_bundle_convention),
     "outline_blocks": Feature(
         "compiling each block structure once (outline_blocks, option outline_blocks)",
-        ("invoke_subgraph", "StorageWeakRef"),
+        ("invoke_subgraph", "StorageWeakRef", "is_traceable_wrapper_subclass", "FunctionalTensor"),
         "Inductor compiles every piece whole, each block inlined (slower compiles, same results)"),
     "direct_block_calls": Feature(
         "Inductor's code calling compiled block graphs directly (block_op.call_directly_from_inductor)",
@@ -197,13 +206,24 @@ FEATURES: dict[str, Feature] = {
         "under CUDA graphs every input of a piece, the weights included, is copied at each replay"),
     "bare_block_graphs": Feature(
         "running block graphs without AOTAutograd's runtime wrappers (compilers._block_callable)",
-        ("CompiledFxGraph", "OutputType", "TracingContext.try_get", "is_traceable_wrapper_subclass",
-         "is_any_autocast_enabled", "inductor_cache_dir"),
+        ("CompiledFxGraph", "OutputType", "TracingContext.try_get", "SerializableCompiledFunction",
+         "is_any_autocast_enabled"),
         "block graphs run inside AOTAutograd's runtime wrappers (~10-15 us more a call)"),
     "split_stacks": Feature(
         "caching a block stack that Dynamo splits into several graphs (stack_cache.py)",
         ("get_eval_frame_callback", "skip_code"),
         "such a model compiles without the cache, after the warning that names the graph break"),
+    "dynamo_restarts": Feature(
+        "passing Dynamo's restarts of its analysis (RestartAnalysis) from a piece's compile on to Dynamo (compilers.compile_graph)",
+        ("RestartAnalysis",),
+        "a restart raised while a piece's blocks compile is taken for a failed outline: the piece is compiled "
+        "whole"),
+    "piece_floats": Feature(
+        "keeping a float that other pieces of a Dynamo graph read symbolic while one piece compiles "
+        "(torch_api.floats_read_elsewhere)",
+        ("TensorifyState", "TensorifyState.force_specializations", "SymT", "symbol_is_type"),
+        "a float the model reads (a LoRA strength under ComfyUI's partial loading) is specialized by each "
+        "piece that does not read it: one Dynamo graph per value"),
     "dynamo_counters": Feature(
         "counting in torch._dynamo.utils.counters['wavepass']",
         ("counters",),
@@ -310,11 +330,6 @@ def fake_mode_of(values: Iterable[Any]) -> Any:
     return next((x.fake_mode for x in values if isinstance(x, fake)), None)
 
 
-def optimization_hint(value: Any, fallback: int) -> int:
-    """A concrete hint for a (symbolic) int, adding no guard."""
-    return api("optimization_hint")(value, fallback=fallback)
-
-
 def free_symbols(value: Any) -> Any:
     return api("free_symbols")(value)
 
@@ -393,6 +408,84 @@ def backend_of(callback: Any) -> tuple[Callable[..., Any], dict[str, Any]] | Non
 def invoke_subgraph() -> Any:
     """The higher-order operator of `torch.compiler.nested_compile_region` (outline_blocks)."""
     return api("invoke_subgraph")
+
+
+def restart_exceptions() -> tuple[type[BaseException], ...]:
+    """The exceptions by which Dynamo restarts its analysis of a frame (`RestartAnalysis`:
+    `TensorifyScalarRestartAnalysis`, raised inside AOTAutograd by
+    `tensorify_python_scalars`, and its siblings): control flow that a backend must let
+    through to Dynamo, never take for a failed compile. Empty where `dynamo_restarts` is off."""
+    return (api("RestartAnalysis"),) if enabled("dynamo_restarts") else ()
+
+
+def float_symbols(values: Iterable[Any]) -> frozenset[str]:
+    """The names of the float symbols ("zf0") free in the symbolic scalars among `values`
+    (and in their lists and tuples), as Dynamo records a float it reads (`x.item()`) and
+    what is computed from it; none where `piece_floats` is off. Tensors are not read: a
+    float in a size is specialized by the piece that has that size, whatever the others do
+    (`tensorify_python_scalars`), and reading every tensor's sizes costs ~60 us a node."""
+    if not enabled("piece_floats"):
+        return frozenset()
+    is_type, float_type = api("symbol_is_type"), api("SymT").FLOAT
+    names: set[str] = set()
+    pending = list(values)
+    while pending:
+        value = pending.pop()
+        if isinstance(value, (list, tuple)):
+            pending.extend(value)
+        elif isinstance(value, (torch.SymFloat, torch.SymInt, torch.SymBool)):
+            names.update(str(s) for s in free_symbols(value) if is_type(s, float_type))
+    return frozenset(names)
+
+
+@contextmanager
+def floats_read_elsewhere(names: Iterable[str]) -> Iterator[None]:
+    """While a graph that does not read the float symbols `names` is compiled: AOTAutograd's
+    `tensorify_python_scalars` (torch/fx/passes/_tensorify_python_scalars.py, 2.11-2.15)
+    ends by specializing every float symbol of the shape environment that the graph it
+    compiles did not turn into a tensor, and raising `TensorifyScalarRestartAnalysis`, after
+    which Dynamo traces the frame again with those floats as constants, guarded on their
+    values. A piece of a Dynamo graph shares its shape environment with the other pieces,
+    so every float only another piece reads would be specialized. The pass skips a symbol
+    already in `TensorifyState.force_specializations`: `names` are added there for the
+    compile and taken out again after it, also when it raises the restart for a float of
+    its own (which Dynamo then specializes, as it would for the whole graph)."""
+    if not enabled("piece_floats"):
+        yield
+        return
+    specialized = api("TensorifyState.force_specializations")
+    added = set(names) - specialized
+    specialized.update(added)
+    try:
+        yield
+    finally:
+        specialized.difference_update(added)
+
+
+def is_wrapper_subclass(value: Any) -> bool:
+    """Whether `value` is a traceable wrapper subclass (`__tensor_flatten__` over inner
+    tensors, `__torch_dispatch__`): quantized and GGUF weights (outline_blocks)."""
+    return bool(api("is_traceable_wrapper_subclass")(value))
+
+
+def plain_tensor_types() -> tuple[type, ...]:
+    """The classes of a plain tensor while Dynamo and AOTAutograd trace: fake, functional."""
+    return api("FakeTensor"), api("FunctionalTensor")
+
+
+def aot_entry(compiled: Any) -> Any:
+    """The AOTAutograd cache entry that `compiled` (compile_fx's result) was loaded from or
+    saved as: the `SerializableCompiledFunction` on its `__wrapped__` chain serializes to it
+    (its `runtime_metadata`, `maybe_subclass_meta`); None where the chain has none (the
+    AOTAutograd cache off)."""
+    serializable = api("SerializableCompiledFunction")
+    seen: set[int] = set()
+    while compiled is not None and id(compiled) not in seen:
+        seen.add(id(compiled))
+        if isinstance(compiled, serializable):
+            return compiled.serialize()
+        compiled = getattr(compiled, "__wrapped__", None)
+    return None
 
 
 def storage_ref(tensor: torch.Tensor) -> Any:

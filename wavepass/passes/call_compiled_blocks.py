@@ -19,8 +19,8 @@ calls, each block's outputs feeding only the next block, becomes one call.
 
 `carry[i]` is the output of the block before that a block takes as input i, or -1 where
 the block takes its own operand (listed after the first block's, in order). Only static
-structures qualify (`is_static`): tensor operands and outputs whose sizes and strides are
-plain integers. The calls of other structures, and everything else, are copied as they
+structures qualify (`is_static`): plain tensor operands and outputs (no tensor subclass)
+whose sizes and strides are plain integers. The calls of other structures, and everything else, are copied as they
 are. The input graph is not changed.
 """
 
@@ -107,11 +107,20 @@ def _carry(call: Node, after: Node) -> list[int]:
 
 
 def is_static(subgraph: GraphModule) -> bool:
-    """Tensor operands and outputs, none with a symbolic size, stride or offset."""
+    """Plain tensor operands and outputs, none with a symbolic size, stride or offset.
+
+    A block on a tensor subclass (quantized or GGUF weights) is not called by name: the
+    piece that calls it is traced by AOTAutograd, which takes each subclass apart before any
+    operator sees it, so `wavepass.blocks` would be handed whatever the subclass's
+    `__torch_dispatch__` makes of the call (dequantized weights, say), not the operands its
+    block graph was compiled for. Such a structure stays a subgraph of the piece, lowered
+    with it by Inductor (outline_blocks' key keeps it apart from plain blocks)."""
     placeholders = subgraph.graph.find_nodes(op="placeholder")
     (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
     values = [example_value(n) for n in (*placeholders, *outputs)]
-    return all(isinstance(v, torch.Tensor) for v in values) and not torch_api.free_symbols(values)
+    plain = torch_api.plain_tensor_types()
+    return (all(isinstance(v, torch.Tensor) and (type(v) is torch.Tensor or isinstance(v, plain)) for v in values)
+            and not torch_api.free_symbols(values))
 
 
 def _called_kind(node) -> str | None:

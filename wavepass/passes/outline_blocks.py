@@ -291,7 +291,8 @@ def structural_key(graph: Graph, example_inputs: Sequence[Any]) -> Hashable:
     """Equal keys: the same program on inputs of the same layout, so one subgraph serves
     both. Ops, targets and constant arguments are compared with node references numbered
     by position (placeholder names, which name the weights, are left out); inputs by sizes,
-    strides (symbolic ones by expression), dtype, device and `requires_grad`.
+    strides (symbolic ones by expression), tensor type (a subclass by name, with its inner
+    tensors: `_tensor_type`), dtype, device and `requires_grad`.
 
     Two facts of a layout that Inductor's code for a graph never reads are left out, so
     FLUX's first single block, which reads the dual stack's two contiguous outputs, shares
@@ -322,6 +323,29 @@ def _target_name(target: Any) -> str:
 def _layout(value: Any, offset: bool) -> Hashable:
     if isinstance(value, torch.Tensor):
         strides = tuple("-" if str(size) == "1" else str(stride) for size, stride in zip(value.shape, value.stride()))
-        return (tuple(map(str, value.shape)), strides, str(value.storage_offset()) if offset else "-",
-                value.dtype, value.device, value.requires_grad)
+        return (_tensor_type(value, offset), tuple(map(str, value.shape)), strides,
+                str(value.storage_offset()) if offset else "-", value.dtype, value.device, value.requires_grad)
     return type(value).__name__, str(value)
+
+
+def _tensor_type(value: torch.Tensor, offset: bool) -> Hashable:
+    """What kind of tensor `value` is, by name: "Tensor" for a plain one (Dynamo records
+    plain tensors and parameters as FakeTensors); for a tensor subclass, its class, and for
+    a wrapper subclass (quantized or GGUF weights: `__torch_dispatch__` over inner tensors)
+    also its flattening context and each inner tensor's type and layout (an int8 weight
+    with a float scale is another program than a float weight of the same outer dtype).
+    Two same-shaped blocks whose weights differ only here are different structures."""
+    cls = type(value)
+    if cls is torch.Tensor or cls is torch.nn.Parameter or isinstance(value, _plain_types()):
+        return "Tensor"
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    if not torch_api.is_wrapper_subclass(value):
+        return name
+    attributes, context = value.__tensor_flatten__()
+    return name, repr(context), tuple((a, _layout(getattr(value, a), offset)) for a in attributes)
+
+
+@functools.cache
+def _plain_types() -> tuple[type, ...]:
+    """The classes a plain tensor has while Dynamo and AOTAutograd trace (fake, functional)."""
+    return tuple(torch_api.plain_tensor_types())
