@@ -202,10 +202,11 @@ def _stream_free_values_for_tail(rest: list[Node], tail: set[Node], first_output
             continue
         needed.add(node)
         todo.extend(a for a in node.all_input_nodes if a in depends)
-    # A tuple-valued node (split, chunk) in head is read through getitem: move the getitems too
-    # (not a slice of a tensor, a view that the blocks may write through: `img[:, :n] += c`).
+    # A value in head (a tuple from split or chunk, a tensor) is read through getitem: move the
+    # getitems too, but for views the blocks write through (`img[:, :n] += c`), which stay.
+    written_through = {n.args[0] for n in rest if is_inplace(n) and isinstance(n.args[0], Node)}
     for node in rest:
-        if node.target is operator.getitem and node.args[0] not in depends and not is_tensor(node.args[0]):
+        if node.target is operator.getitem and node.args[0] not in depends and node not in written_through:
             needed.add(node)
     moved = [n for n in rest if n in needed]
     for node in moved:
