@@ -19,6 +19,7 @@ import torch  # noqa: E402
 import torch._dynamo  # noqa: E402
 
 import wavepass  # noqa: E402
+from wavepass import torch_api  # noqa: E402
 from wavepass import notices  # noqa: E402
 
 
@@ -39,3 +40,22 @@ def no_fallback():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="wavespeed:.*")
         yield
+
+@pytest.fixture
+def without(monkeypatch):
+    """`without(*names)`: the APIs `names` (of `torch_api.APIS`) look missing from now on,
+    and every feature is asked again (its verdict is per process)."""
+
+    def switch_off(*names: str) -> None:
+        paths = {path for name in names for path in torch_api.APIS[name]}
+        lookup = torch_api._lookup
+
+        def missing(path: str):
+            if path in paths:
+                raise ImportError(f"cannot import name {path.rpartition('.')[2]!r} (simulated)")
+            return lookup(path)
+
+        monkeypatch.setattr(torch_api, "_lookup", missing)
+        monkeypatch.setattr(torch_api, "_verdicts", {})
+
+    return switch_off

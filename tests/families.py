@@ -39,6 +39,22 @@ def _stages(blocks: list[torch.nn.Module], prologue: Callable, step: Callable, e
     return head, rest, lambda final, aux: epilogue(final["img"], aux)
 
 
+DUAL_THEN_SINGLE = ("transformer_blocks.0", "transformer_blocks.1",
+                    "single_transformer_blocks.0", "single_transformer_blocks.1")
+
+
+def _joined_stages(model, prologue: Callable, step: Callable, epilogue: Callable) -> tuple:
+    """head, rest and tail of a model whose dual blocks end by joining cat(text, image), which
+    its single blocks run on: rest hands on the image part of the joined stream, which
+    continues the first block's image output (`aux["text"]`: the text length)."""
+    head, rest, tail = _stages([*model.transformer_blocks, *model.single_transformer_blocks], prologue, step, epilogue)
+
+    def image_of_rest(first, aux):
+        return {"img": rest(first, aux)["img"][:, aux["text"]:]}
+
+    return head, image_of_rest, tail
+
+
 def _unpatchify(tokens: torch.Tensor, shape: torch.Size, patch: tuple[int, int, int],
                 channels_last: bool) -> torch.Tensor:
     """(B, F/pt * H/ph * W/pw, C * pt * ph * pw) tokens -> a (B, C, F, H, W) video; within a token
@@ -249,15 +265,8 @@ def chroma(seed: int = 0, side: int = 4) -> Case:
     def epilogue(hs, aux):
         return model.proj_out(model.norm_out(hs, aux["pooled"][:, -2:]))
 
-    head, rest, tail = _stages([*model.transformer_blocks, *model.single_transformer_blocks], prologue, step, epilogue)
-
-    def image_of_rest(first, aux):
-        """The image part of the joined stream: it continues the first block's image output."""
-        return {"img": rest(first, aux)["img"][:, aux["text"]:]}
-
-    blocks = ("transformer_blocks.0", "transformer_blocks.1",
-              "single_transformer_blocks.0", "single_transformer_blocks.1")
-    return Case(model, inputs, "hidden_states", (head, image_of_rest, tail), blocks, 1e-3, mixed_threshold=0.8)
+    return Case(model, inputs, "hidden_states", _joined_stages(model, prologue, step, epilogue), DUAL_THEN_SINGLE,
+                1e-3, mixed_threshold=0.8)
 
 
 def lumina2(seed: int = 0) -> Case:
@@ -349,16 +358,9 @@ def flux2(seed: int = 0, side: int = 4) -> Case:
     def epilogue(hs, aux):
         return model.proj_out(model.norm_out(hs, aux["temb"]))
 
-    head, rest, tail = _stages([*model.transformer_blocks, *model.single_transformer_blocks], prologue, step, epilogue)
-
-    def image_of_rest(first, aux):
-        """The image part of the joined stream: it continues the first block's image output."""
-        return {"img": rest(first, aux)["img"][:, aux["text"]:]}
-
-    blocks = ("transformer_blocks.0", "transformer_blocks.1",
-              "single_transformer_blocks.0", "single_transformer_blocks.1")
     # the random-weight residual changes by more than its size from step to step: 1.1 skips 4 of 10
-    return Case(model, inputs, "hidden_states", (head, image_of_rest, tail), blocks, 1e-3, mixed_threshold=1.1)
+    return Case(model, inputs, "hidden_states", _joined_stages(model, prologue, step, epilogue), DUAL_THEN_SINGLE,
+                1e-3, mixed_threshold=1.1)
 
 
 def sana(seed: int = 0, size: int = 8) -> Case:

@@ -121,19 +121,9 @@ def test_without_the_api_a_float_is_specialized_per_value(without_piece_floats, 
 
 
 @pytest.fixture
-def without_piece_floats(monkeypatch):
-    """The APIs of `piece_floats` look missing, as on a torch without them (the pattern of
-    tests/test_torch_api.py's `without`)."""
-    paths = {path for name in torch_api.FEATURES["piece_floats"].apis for path in torch_api.APIS[name]}
-    lookup = torch_api._lookup
-
-    def missing(path: str):
-        if path in paths:
-            raise ImportError(f"cannot import name {path.rpartition('.')[2]!r} (simulated: issue 29)")
-        return lookup(path)
-
-    monkeypatch.setattr(torch_api, "_lookup", missing)
-    monkeypatch.setattr(torch_api, "_verdicts", {})
+def without_piece_floats(without):
+    """The APIs of `piece_floats` look missing, as on a torch without them."""
+    without(*torch_api.FEATURES["piece_floats"].apis)
 
 
 # --- ComfyUI with partial loading -------------------------------------------------------------

@@ -34,24 +34,6 @@ from wavepass.options import CacheOptions
 BLOCKS_CODEGEN_KEY = f"torch.ops.{BLOCKS.namespace}.{BLOCKS.__name__}"  # block_op's entry
 
 
-@pytest.fixture
-def without(monkeypatch):
-    """`without(*names)`: the APIs `names` (of `torch_api.APIS`) look missing from now on,
-    and every feature is asked again (its verdict is per process)."""
-
-    def switch_off(*names: str) -> None:
-        paths = {path for name in names for path in torch_api.APIS[name]}
-        lookup = torch_api._lookup
-
-        def missing(path: str):
-            if path in paths:
-                raise ImportError(f"cannot import name {path.rpartition('.')[2]!r} (simulated: issue 22)")
-            return lookup(path)
-
-        monkeypatch.setattr(torch_api, "_lookup", missing)
-        monkeypatch.setattr(torch_api, "_verdicts", {})
-
-    return switch_off
 
 
 @pytest.fixture(autouse=True)
