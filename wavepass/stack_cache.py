@@ -292,7 +292,7 @@ class StackCache(DecidingProgram):
                 return outputs
             call = state.call
             if settings.may_skip:
-                leaves = _tensor_leaves(outputs, self.blocks[index])
+                leaves = _tensors(_flatten(outputs)[0], self.blocks[index])
                 if index == len(self._blocks) - 1:
                     state.keep(call.signal, self._residuals(leaves, call.first), settings)
                 else:
@@ -311,7 +311,7 @@ class StackCache(DecidingProgram):
         leaves, rebuild = _flatten(outputs)
         signal = None
         if settings.may_skip:
-            leaves = _tensor_leaves(outputs, self.blocks[0])
+            _tensors(leaves, self.blocks[0])
             streams = state.streams
             if streams is not None:
                 signal = leaves[streams.main_output] - run.copies[streams.main_argument]
@@ -479,8 +479,8 @@ def _position(inputs: Sequence[Any], value: torch.Tensor, what: str, block: str)
     return found[0] if found else None
 
 
-def _tensor_leaves(outputs: Any, block: str) -> list[torch.Tensor]:
-    leaves, _ = _flatten(outputs)
+def _tensors(leaves: list[Any], block: str) -> list[torch.Tensor]:
+    """`leaves` (a block's outputs), which must all be tensors to be followed as streams."""
     for k, value in enumerate(leaves):
         if not isinstance(value, torch.Tensor):
             raise Unpairable(f"{block} returns a {type(value).__name__} as output {k}")
