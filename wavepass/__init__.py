@@ -16,8 +16,9 @@ above works without `import wavepass`. This module adds the runtime API:
     with wavepass.same_step(t):      calls with an equal key decide together (chunked CFG)
     with wavepass.watch(model):      a call Dynamo did not compile is counted and said
     wavepass.compile_failure(error)  the cause and fix of a compiler failure; None for other errors
-    wavepass.ran_uncompiled(model, reason)
-                                     a call an integration ran uncompiled is counted and said
+    wavepass.call_or_fall_back(model, compiled, plain, failed, retry)
+                                     an integration's call: the plain model where compiling
+                                     failed, counted and said
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from __future__ import annotations
 from .backend import wavespeed
 from .notices import WavespeedWarning, compile_failure
 from .options import POLICIES, CacheOptions, CacheSettings
-from .runtime import (Stats, cache_context, cache_settings, current_context, ran_uncompiled, reset, same_step,
+from .runtime import (Stats, cache_context, cache_settings, call_or_fall_back, current_context, reset, same_step,
                       skipping, stats, watch)
 from .torch_api import register_backend
 
 __all__ = [
     "POLICIES", "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
-    "compile_failure", "current_context", "ran_uncompiled", "reset", "same_step", "skipping", "stats", "watch",
+    "call_or_fall_back", "compile_failure", "current_context", "reset", "same_step", "skipping", "stats", "watch",
     "wavespeed",
 ]
 __version__ = "0.1.0"

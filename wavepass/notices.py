@@ -118,10 +118,11 @@ def _raised_in(error: BaseException, package: str) -> bool:
 def _in_inductor_cache(filename: str) -> bool:
     import os
 
+    from . import torch_api
+
     try:
-        from torch._inductor.runtime.cache_dir_utils import cache_dir
-        folder = os.path.abspath(cache_dir())
-    except Exception:  # noqa: BLE001 - another torch: not judged by this
+        folder = os.path.abspath(torch_api.api("inductor_cache_dir")())
+    except torch_api.Missing:  # another torch: not judged by this
         return False
     return os.path.abspath(filename).startswith(folder + os.sep)
 

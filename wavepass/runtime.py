@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from .notices import warn_once
+from .notices import compile_failure, warn_once
 from .options import EXTRAPOLATING, CacheSettings
 
 DEFAULT_CONTEXT = "default"
@@ -617,15 +617,37 @@ def watch(model: Any) -> Iterator[None]:
                   stacklevel=4)  # watch, contextlib's __exit__, the caller's `with`
 
 
-def ran_uncompiled(model: Any, reason: str) -> None:
-    """Count a call of `model` that an integration ran as the plain model, outside its
-    compiled version (compiling it failed; `reason` names the cause and the fix), as uncached
-    in `stats(model)`, and tell the user once, as `watch` does for calls Dynamo skipped."""
+def call_or_fall_back(model: Any, compiled: Callable[[], Any], plain: Callable[[], Any], failed: str | None,
+                      retry: str, user_errors: tuple[type[BaseException], ...] = ()) -> tuple[Any, str | None]:
+    """One call of `model` for an integration: through `compiled`, or through `plain` (the
+    model uncompiled) where compiling failed, now or before. Returns the result and the reason
+    the integration keeps for the calls after it (None while `model` compiles).
+
+    `failed`: the reason kept from an earlier failure (then `plain` runs). A compiled call that
+    raises a compiler failure (`notices.compile_failure`; never one of `user_errors`, out of
+    memory or an interrupt) runs again through `plain`: if that raises too, the error was the
+    model's (Dynamo reports some as its own) and propagates, with nothing kept; else the reason,
+    the cause and fix followed by `retry` (how to compile again), is kept. Every call through
+    `plain` is counted as uncached in `stats(model)` with the reason, said once.
+    """
+    if failed is None:
+        try:
+            return compiled(), None
+        except Exception as error:  # noqa: BLE001 - only the compiler's failures fall back
+            cause = compile_failure(error, user_errors)
+            if cause is None:
+                raise
+        result = plain()
+        failed = f"{cause}. {retry}"
+        reset(model)  # what the failed call counted (compiles fail at a first call)
+    else:
+        result = plain()
     module = module_of(model)
     missed = _missed.setdefault(module, _Missed())
-    missed.reason = reason
+    missed.reason = failed
     missed.decisions.append((next(_sequence), False))
-    warn_once(f"wavespeed: {type(module).__name__} ran uncompiled and uncached: {reason}", stacklevel=3)
+    warn_once(f"wavespeed: {type(module).__name__} ran uncompiled and uncached: {failed}", stacklevel=3)
+    return result, failed
 
 
 def _watched_in(model: Any | None) -> list[torch.nn.Module]:

@@ -60,6 +60,7 @@ is absent the passes find no blocks and the graph is compiled whole after the us
 | RestartAnalysis | torch._dynamo.exc | 2.13 (2.11, 2.15 not run) | dynamo_restarts: a restart raised inside a piece's compile goes on to Dynamo | caught as a failed outline: the piece compiled whole |
 | TensorifyState (.force_specializations) | torch._dynamo.symbolic_convert | 2.13 (2.11, 2.15 not run) | piece_floats: floats other pieces read stay symbolic | a float read in only some pieces is specialized: one graph per value |
 | SymT, symbol_is_type | torch.utils._sympy.symbol | 2.13 (2.11, 2.15 not run) | piece_floats: which symbols are floats | as above |
+| inductor_cache_dir | torch._inductor.runtime.cache_dir_utils.cache_dir | 2.11-2.15 | notices.py: an error raised in code Inductor generated is the compiler's | such an error is judged by its type and other frames |
 | OpOverload, OpOverloadPacket | torch._ops | 2.11-2.15 | distributed.py (its owner's) | no collectives found |
 | resolve_process_group | torch.distributed.distributed_c10d._resolve_process_group | 2.11-2.15 | distributed.py | no collectives found |
 
@@ -144,6 +145,7 @@ APIS: dict[str, tuple[str, ...]] = {
     "InstructionTranslator": ("torch._dynamo.symbolic_convert.InstructionTranslator",),
     "get_eval_frame_callback": ("torch._C._dynamo.eval_frame.get_eval_frame_callback",),
     "skip_code": ("torch._dynamo.eval_frame.skip_code",),
+    "inductor_cache_dir": ("torch._inductor.runtime.cache_dir_utils.cache_dir",),
     "OpOverload": ("torch._ops.OpOverload",),
     "OpOverloadPacket": ("torch._ops.OpOverloadPacket",),
     "resolve_process_group": ("torch.distributed.distributed_c10d._resolve_process_group",),

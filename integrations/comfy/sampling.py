@@ -19,7 +19,7 @@ diffusion model with the `wavespeed` backend and drive its cache through a sampl
         Inductor, wavepass), the call runs the plain module instead, and so does every later
         call of that module through these wrappers (until a node installs them again, which
         retries): each is counted in `wavepass.stats` with the cause and fix, said once
-        (`wavepass.ran_uncompiled`). If the plain module raises too, the error is the model's
+        (`wavepass.call_or_fall_back`). If the plain module raises too, the error is the model's
         and propagates; out of memory and interrupts always propagate.
 
 One compiled module per module and *compile* settings (Compile Model+'s mode, dynamic,
@@ -202,22 +202,11 @@ def _apply_model_wrapper(settings):
         run = _run.get()
         if run is not None:
             _reset_if_rising(run, module, sigma)
-        reason = failed.get(module)
-        if reason is None:
-            try:
-                return _compiled_call(executor, module, settings, cache, run, sigma, x, t, *args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - only the compiler's failures fall back
-                reason = wavepass.compile_failure(error, _interrupts())
-                if reason is None:
-                    raise
-            # The plain model on the same inputs: raises the model's own error again if the
-            # compiler only reported it (Dynamo's TorchRuntimeError), with no fallback kept.
-            result = executor(x, t, *args, **kwargs)
-            failed[module] = reason = f"{reason}. {RETRY}"
-            wavepass.reset(module)  # what the failed call counted (compiles fail at a first call)
-        else:
-            result = executor(x, t, *args, **kwargs)
-        wavepass.ran_uncompiled(module, reason)
+        result, reason = wavepass.call_or_fall_back(
+            module, lambda: _compiled_call(executor, module, settings, cache, run, sigma, x, t, *args, **kwargs),
+            lambda: executor(x, t, *args, **kwargs), failed.get(module), RETRY, _interrupts())
+        if reason is not None:
+            failed[module] = reason
         return result
 
     return apply_model

@@ -47,7 +47,7 @@ How it works (each point is a decision; the code below implements it):
 - Never a crash from the compiler: where a call raises a failure of Dynamo, Inductor or
   wavepass (`wavepass.compile_failure`), the plain denoiser runs the call instead (its own
   results), and every later call until `remove()` (apply again to retry): each is counted
-  in `wavepass.stats` with the cause and fix (`wavepass.ran_uncompiled`), said once. If the
+  in `wavepass.stats` with the cause and fix (`wavepass.call_or_fall_back`), said once. If the
   plain denoiser raises too, that error is the model's and propagates, as do out of memory
   and KeyboardInterrupt.
 - `handle.remove()` / `remove_wavespeed(pipe)` restore each denoiser's previous
@@ -149,23 +149,13 @@ class WavespeedHandle:
     def _call(self, denoiser: _Denoiser, compiled, *args: Any, **kwargs: Any) -> Any:
         allowed = self._window_allows_skipping(denoiser)
         module = denoiser.module
-        if denoiser.failed is None:
-            try:
-                with (wavepass.skipping(allowed), wavepass.cache_settings(**self.settings),
-                      wavepass.watch(module)):
-                    return compiled(*args, **kwargs)
-            except Exception as error:  # noqa: BLE001 - only the compiler's failures fall back
-                reason = wavepass.compile_failure(error)
-                if reason is None:
-                    raise
-            # The plain denoiser on the same inputs: raises the model's own error again if the
-            # compiler only reported it (Dynamo's TorchRuntimeError), with no fallback kept.
-            result = module._call_impl(*args, **kwargs)
-            denoiser.failed = f"{reason}. {_RETRY}"
-            wavepass.reset(module)  # what the failed call counted
-        else:
-            result = module._call_impl(*args, **kwargs)
-        wavepass.ran_uncompiled(module, denoiser.failed)
+
+        def compiled_call():
+            with (wavepass.skipping(allowed), wavepass.cache_settings(**self.settings), wavepass.watch(module)):
+                return compiled(*args, **kwargs)
+
+        result, denoiser.failed = wavepass.call_or_fall_back(
+            module, compiled_call, lambda: module._call_impl(*args, **kwargs), denoiser.failed, _RETRY)
         return result
 
     def _window_allows_skipping(self, denoiser: _Denoiser) -> bool:
