@@ -44,7 +44,7 @@ def no_fallback():
 @pytest.fixture
 def without(monkeypatch):
     """`without(*names)`: the APIs `names` (of `torch_api.APIS`) look missing from now on,
-    and every feature is asked again (its verdict is per process)."""
+    and every feature is asked again (the answer is kept per process)."""
 
     def switch_off(*names: str) -> None:
         paths = {path for name in names for path in torch_api.APIS[name]}
@@ -56,6 +56,6 @@ def without(monkeypatch):
             return lookup(path)
 
         monkeypatch.setattr(torch_api, "_lookup", missing)
-        monkeypatch.setattr(torch_api, "_verdicts", {})
+        monkeypatch.setattr(torch_api, "_off_reasons", {})
 
     return switch_off

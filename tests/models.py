@@ -127,7 +127,7 @@ def sd3(seed: int = 0, size: int = 8) -> Case:
 
 
 def tiny_sdxl_unet(size: int = 8) -> UNet2DConditionModel:
-    """SDXL's UNet layout at toy size: text_time added conditioning (8-dim text embeds, six
+    """SDXL's UNet architecture at toy size: text_time added conditioning (8-dim text embeds, six
     time ids), cross-attention (16-dim context) in the lower down and up blocks."""
     return UNet2DConditionModel(
         sample_size=size, in_channels=4, out_channels=4, layers_per_block=1,

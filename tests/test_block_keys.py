@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map
 
 import wavepass
 from test_compiled_blocks import Stack, dynamo_graph
-from wavepass import block_op, compilers, torch_api
+from wavepass import block_op, pipeline, torch_api
 from wavepass.cpp_bundle import Kernel, bundle_source
 from wavepass.passes.outline_blocks import outline_blocks, structural_key
 
@@ -126,9 +126,9 @@ def test_on_disk_keys_name_wavepass_sources(monkeypatch):
     inputs = (torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 4))
     gm, _ = dynamo_graph(Stack(1, [False] * 3).eval(), *inputs)
     outlined = outline_blocks(gm)
-    before = compilers._structure_names(outlined, {})
-    monkeypatch.setattr(compilers, "source_key", lambda: "another wavepass")
-    after = compilers._structure_names(outlined, {})
+    before = pipeline.structure_names(outlined, ())
+    monkeypatch.setattr(pipeline, "source_key", lambda: "another wavepass")
+    after = pipeline.structure_names(outlined, ())
     assert before and before.keys() == after.keys() and set(before.values()).isdisjoint(after.values())
 
 

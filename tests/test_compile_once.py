@@ -24,7 +24,7 @@ from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
 import models
 import wavepass
 import wavepass.options
-from wavepass.compilers import compile_graph
+from wavepass.pipeline import compile_graph
 from wavepass.cpp_bundle import wait_for_builds
 from wavepass.passes.errors import UnsafeCut
 from wavepass.passes.outline_blocks import outline_blocks
@@ -337,7 +337,7 @@ def test_values_between_pieces_are_checked(deep, no_fallback):
     with torch.no_grad():
         call(case, compiled)
         (program,) = wavepass.runtime.programs_of(model)
-        checked = {slot for slot, sizes, _ in program._wiring.layouts if len(sizes) >= 2 and min(sizes[-2:]) > 1}
+        checked = {slot for slot, sizes, _ in program._wiring.strides if len(sizes) >= 2 and min(sizes[-2:]) > 1}
         index = next(i for i, slot in enumerate(program._wiring.head_out) if slot in checked)
         head = program._head
 

@@ -80,7 +80,7 @@ def stand_in_structures(outlined: torch.fx.GraphModule) -> dict[str, block_op.St
         name = f"stand_in_{id(subgraph)}"
         found[kind] = block_op.register(block_op.Structure(name, subgraph.meta["structure"],
                                                            lambda args, subgraph=subgraph: subgraph(*args),
-                                                           block_op.layouts(map(example_value, outputs))))
+                                                           block_op.tensor_specs(map(example_value, outputs))))
     return found
 
 

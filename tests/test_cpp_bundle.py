@@ -19,7 +19,7 @@ from torch._inductor.codecache import CppPythonBindingsCodeCache, PyCodeCache
 from torch._inductor.compile_fx import compile_fx
 
 from wavepass import CacheOptions, cpp_bundle
-from wavepass.compilers import compile_graph
+from wavepass.pipeline import compile_graph
 from wavepass.cpp_bundle import BundleCodeCache, Kernel, bundle_source, bundled_cpp_kernels
 
 # An Inductor-style kernel: one `extern "C"` entry named `kernel`, tensors by pointer, a size.
@@ -238,3 +238,29 @@ def test_builds_and_their_compilers_run_below_the_lowering():
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
     assert build_thread == min(19, main + cpp_bundle._BUILD_NICENESS) > main
     assert int(compiler.result()) == build_thread
+
+
+def test_a_wavespeed_compile_leaves_inductors_async_compile_as_it_was(monkeypatch):
+    """The bundle patch is active inside each `compile_fx` call it serves, and only there."""
+    from test_compiled_blocks import Stack
+
+    from wavepass import torch_api
+
+    async_compile = torch._inductor.async_compile.AsyncCompile
+    original = (async_compile.cpp_pybinding, async_compile.wait)
+    patched_inside = []
+    compile_fx_of_torch = torch_api.compile_fx
+
+    def watched(*args, **kwargs):
+        patched_inside.append(async_compile.cpp_pybinding is not original[0])
+        return compile_fx_of_torch(*args, **kwargs)
+
+    monkeypatch.setattr(torch_api, "compile_fx", watched)
+    torch.manual_seed(0)
+    model = Stack(1, [False] * 3).eval()
+    inputs = (torch.randn(2, 8), torch.randn(2, 8), torch.randn(2, 4))
+    compiled = torch.compile(model, backend="wavespeed", options={"residual_diff_threshold": 0.0})
+    torch.testing.assert_close(compiled(*inputs), model(*inputs))
+    assert patched_inside and all(patched_inside)
+    assert (async_compile.cpp_pybinding, async_compile.wait) == original
+    assert torch._inductor.async_compile.AsyncCompile is async_compile

@@ -73,12 +73,12 @@ def traced(model: nn.Module) -> torch.fx.GraphModule:
 
 def regions(gm) -> list[tuple[str, ...]]:
     """The regions `find_blocks` offers, each as its stacks' paths, in its order."""
-    return [tuple(stack[0].tag.stack for stack in layout.stacks) for layout in find_blocks(gm)]
+    return [tuple(stack[0].tag.stack for stack in region.stacks) for region in find_blocks(gm)]
 
 
-def cached_work(gm, layout) -> int:
+def cached_work(gm, region) -> int:
     position = {node: i for i, node in enumerate(gm.graph.nodes)}
-    return position[layout.last_block.nodes[-1]] - position[layout.first_block.nodes[-1]]
+    return position[region.last_block.nodes[-1]] - position[region.first_block.nodes[-1]]
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -87,12 +87,12 @@ def cached_work(gm, layout) -> int:
 def test_every_run_of_siblings_is_offered_by_the_work_it_caches(stacks, refiner):
     sizes, widths = zip(*stacks)
     gm = traced(Stacks(sizes, widths, refiner).eval())
-    layouts = find_blocks(gm)
+    offered = find_blocks(gm)
     names = [f"stacks.s{i}" for i in range(len(sizes))]
     runs = {tuple(names[start:stop]) for start in range(len(names)) for stop in range(start + 1, len(names) + 1)}
     expected = runs | ({("refiner.blocks",)} if refiner else set())
     assert set(regions(gm)) == expected
-    work = [cached_work(gm, layout) for layout in layouts]
+    work = [cached_work(gm, region) for region in offered]
     assert work == sorted(work, reverse=True)
     assert regions(traced(Stacks(sizes, widths, refiner).eval())) == regions(gm)  # deterministic
 

@@ -14,7 +14,7 @@ floats that only the others read, and every strength got a graph of its own, unt
 recompile limit turned compiling off. `torch_api.floats_read_elsewhere` keeps them symbolic.
 
 Dynamo's restarts pass through the backend: before, a restart raised by a block graph's
-compile was taken for a failed outline (`compilers.compile_graph`), the piece compiled whole.
+compile was taken for a failed outline (`pipeline.compile_plan`), the piece compiled whole.
 
 Every test turns AOTAutograd's cache off: a cache hit skips the trace, and with it the pass.
 """

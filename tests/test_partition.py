@@ -321,7 +321,7 @@ def test_no_residual_path_is_an_unsafe_cut_that_says_so():
 def test_a_trailing_stack_the_cut_cannot_take_leaves_the_main_stacks_cached():
     """Defect: the joint region failed, and the fallback cached the largest stack alone."""
     part = first_partition(DECODER_HEAD)
-    cached = tuple(block.path for block in part.layout.blocks)
+    cached = tuple(block.path for block in part.region.blocks)
     assert cached == Denoiser(DECODER_HEAD).expected_blocks()
 
 

@@ -28,7 +28,7 @@ import wavepass
 import wavepass.backend
 from wavepass import cpp_bundle, torch_api
 from wavepass.block_op import BLOCKS, _registry
-from wavepass.compilers import plain_fallback
+from wavepass.pipeline import plain_fallback
 from wavepass.options import CacheOptions
 
 BLOCKS_CODEGEN_KEY = f"torch.ops.{BLOCKS.namespace}.{BLOCKS.__name__}"  # block_op's entry

@@ -19,6 +19,8 @@ above works without `import wavepass`. This module adds the runtime API:
     wavepass.call_or_fall_back(model, compiled, plain, failed, retry)
                                      an integration's call: the plain model where compiling
                                      failed, counted and said
+    wavepass.reset_process_state()   forget everything wavepass keeps for the process
+                                     (`process_state.py`), as a new process would start
 """
 
 from __future__ import annotations
@@ -26,13 +28,15 @@ from __future__ import annotations
 from .backend import wavespeed
 from .notices import WavespeedWarning, compile_failure
 from .options import POLICIES, CacheOptions, CacheSettings
+from .process_state import reset_process_state
 from .runtime import (Stats, cache_context, cache_settings, call_or_fall_back, current_context, reset, same_step,
                       skipping, stats, watch)
 from .torch_api import register_backend
 
 __all__ = [
     "POLICIES", "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
-    "call_or_fall_back", "compile_failure", "current_context", "reset", "same_step", "skipping", "stats", "watch",
+    "call_or_fall_back", "compile_failure", "current_context", "reset", "reset_process_state", "same_step", "skipping",
+    "stats", "watch",
     "wavespeed",
 ]
 __version__ = "0.1.0"

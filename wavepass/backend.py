@@ -1,8 +1,8 @@
 """The `wavespeed` torch.compile backend: First Block Cache and Inductor in one compile step.
 
     torch.compile(model, backend="wavespeed", options={...})
-        -> Dynamo graph -> find_blocks -> partition -> head | rest | tail
-        -> each piece compiled by Inductor -> CachedProgram (runtime.py)
+        -> Dynamo graph -> validate options -> find_blocks -> partition -> head | rest | tail
+        -> pipeline (passes, then each piece compiled by Inductor) -> CachedProgram (runtime.py)
 
 Graphs the cache cannot handle (no repeated blocks, a cut it cannot prove correct, grad
 mode) are compiled whole, as `backend="inductor"` would, after one warning per reason, and
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .compilers import compile_graph, compile_pieces, plain_fallback, records_cuda_graphs
+from .compiler_interface import compiler_for
 from .diagnosis import frame_outside
 from .distributed import collective_groups, decision_reducer
 from .module_stack import Stack, enclosing_stack, modules_on_call_stack
@@ -35,6 +35,7 @@ from .passes.errors import CannotCache, NoRepeatedBlocks
 from .passes.find_blocks import find_blocks
 from .passes.fx_facts import example_value
 from .passes.partition import CachedPartition, Piece, partition
+from .pipeline import compile_graph, compile_pieces, plain_fallback
 from .runtime import CachedProgram, UncachedProgram, Wiring, watched_module
 from .stack_cache import FragmentProgram, adopt
 from .torch_api import core_unavailable_reason, enabled
@@ -66,11 +67,11 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
         [(name, piece.gm, [example_value(n) for n in piece.inputs])
          for piece, name in ((part.head, "head"), (part.rest, "rest"), (part.tail, "tail"))],
         opts, mode)
-    description = (f"blocks {part.layout.describe()}, {len(part.streams)} cached stream(s), "
+    description = (f"blocks {part.region.describe()}, {len(part.streams)} cached stream(s), "
                    f"decided on `{part.signal_source.name}`")
-    blocks = tuple(block.path for block in part.layout.blocks)
+    blocks = tuple(block.path for block in part.region.blocks)
     return CachedProgram(head, rest, tail, wiring, opts.settings, blocks, description,
-                         stores_copies=records_cuda_graphs(opts, mode), reduce=decision_reducer(gm))
+                         stores_copies=compiler_for(opts, mode).records_cuda_graphs, reduce=decision_reducer(gm))
 
 
 def _fragment(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions, mode: str | None,
@@ -101,9 +102,9 @@ def _first_partition(gm: GraphModule) -> CachedPartition:
     number of them) that can be cut correctly; else `CannotCache` with each distinct reason,
     the most preferred region's first."""
     reasons = []
-    for layout in find_blocks(gm):
+    for region in find_blocks(gm):
         try:
-            return partition(gm, layout)
+            return partition(gm, region)
         except CannotCache as exc:
             reasons.append(str(exc))
     raise CannotCache("; ".join(dict.fromkeys(reasons)))
@@ -130,19 +131,19 @@ def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:
     parameters = _parameter_slots(example_inputs)
     activations = tuple(i for i in range(len(example_inputs)) if i not in set(parameters))
     return Wiring(num_slots=len(slots), parameters=parameters, activations=activations,
-                  layouts=_layouts(part, slots), **wiring)
+                  strides=_strides(part, slots), **wiring)
 
 
-def _layouts(part: CachedPartition, slots: dict[Node, int]) -> tuple[tuple[int, tuple, tuple], ...]:
+def _strides(part: CachedPartition, slots: dict[Node, int]) -> tuple[tuple[int, tuple, tuple], ...]:
     """(slot, sizes, strides) that rest and tail were compiled for, of each value passed
     between pieces (graph inputs are Dynamo's to guard) whose sizes and strides are static."""
     inputs = set(part.placeholders)
-    layouts = {}
+    strides_of = {}
     for node in (*part.rest.inputs, *part.tail.inputs):
         value = example_value(node)
         if node in inputs or not isinstance(value, torch.Tensor):
             continue
         sizes, strides = tuple(value.shape), tuple(value.stride())
         if all(isinstance(x, int) for x in (*sizes, *strides)):
-            layouts[slots[node]] = (sizes, strides)
-    return tuple((slot, sizes, strides) for slot, (sizes, strides) in layouts.items())
+            strides_of[slots[node]] = (sizes, strides)
+    return tuple((slot, sizes, strides) for slot, (sizes, strides) in strides_of.items())

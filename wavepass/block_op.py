@@ -11,8 +11,8 @@ structure again per block. A chain: the first block takes `operands[:len(carry)]
 further block takes, at input i, output `carry[i]` of the block before it, or where that is
 -1 the next of its own operands (its weights, the shared conditioning).
 
-`name` is a hash of the structure's program, input layouts (tensor type and dtype of every
-input included), Inductor options, the autocast it is compiled under and wavepass's own
+`name` is a hash of the structure's program, its inputs' sizes and strides (tensor type and
+dtype of every input included), Inductor options, the autocast it is compiled under and wavepass's own
 sources (`source_key`), so equal names are equal programs: a piece in Inductor's on-disk
 cache calls the structure by the same name in a new process, and a piece cached by another
 wavepass calls none of this one's structures. Structures are static:
@@ -34,10 +34,11 @@ from typing import Any
 
 import torch
 
-from . import torch_api
+from . import process_state, torch_api
 
-Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
+TensorSpec = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]  # sizes, strides, dtype, device
 _registry: weakref.WeakValueDictionary[str, Structure] = weakref.WeakValueDictionary()
+process_state.owns("compiled block structures", _registry)
 
 
 @dataclass(eq=False)
@@ -49,7 +50,7 @@ class Structure:
     name: str
     key: Hashable
     run: Callable[..., Any]
-    outputs: tuple[Layout, ...]
+    outputs: tuple[TensorSpec, ...]
 
 
 # The modules whose code decides what wavepass's on-disk cache entries hold beyond the graphs
@@ -57,8 +58,9 @@ class Structure:
 # are keyed, named, cut and compiled, the bundles' binding, the torch internals used. The
 # passes that decide where a graph is cut (partition, find_blocks, find_streams) are not
 # listed: the graphs they hand Inductor are in its keys already.
-_KEYED_SOURCES = ("block_op.py", "compilers.py", "cpp_bundle.py", "torch_api.py", "passes/outline_blocks.py",
-                  "passes/call_compiled_blocks.py", "passes/call_blocks_directly.py", "passes/fx_facts.py")
+_KEYED_SOURCES = ("block_op.py", "pipeline.py", "compiler_interface.py", "cpp_bundle.py", "torch_api.py",
+                  "passes/outline_blocks.py", "passes/call_compiled_blocks.py", "passes/call_blocks_directly.py",
+                  "passes/fx_facts.py", "passes/subgraph.py")
 
 
 @functools.cache
@@ -81,7 +83,7 @@ def source_key() -> str:
     return digest.hexdigest()[:20]
 
 
-def layouts(values: Iterable[torch.Tensor]) -> tuple[Layout, ...]:
+def tensor_specs(values: Iterable[torch.Tensor]) -> tuple[TensorSpec, ...]:
     """(sizes, strides, dtype, device) of each of `values`, as `Structure.outputs` holds them."""
     return tuple((tuple(v.shape), tuple(v.stride()), v.dtype, v.device) for v in values)
 

@@ -7,9 +7,10 @@ pays the same fixed costs: starting the compiler, loading the precompiled `cpp_p
 ~0.15 s. A 24-block FLUX piece set has ~30 kernels: ~21 s of compiler time apart, ~1.5 s as
 one source (measured on this project's 2-core CPU).
 
-While `bundled_cpp_kernels()` is active, `AsyncCompile.cpp_pybinding` (which Inductor's
-generated module calls once per kernel as it loads) records the kernel instead of building
-it, and `AsyncCompile.wait` (which the module calls after its last kernel) builds the
+While `bundled_cpp_kernels()` is active (`compiler_interface.InductorAdaptor` enters it
+around each `compile_fx` call it makes, and only there), `AsyncCompile.cpp_pybinding`
+(which Inductor's generated module calls once per kernel as it loads) records the kernel
+instead of building it, and `AsyncCompile.wait` (which the module calls after its last kernel) builds the
 recorded kernels as one source per chunk, in parallel where Inductor has compile workers
 (chunks of at least `_MIN_CHUNK` kernels); inside `batched_builds`, a graph with few
 kernels waits to be built with the next graphs' kernels:
@@ -50,7 +51,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from typing import Any
 
-from . import torch_api
+from . import process_state, torch_api
 from .block_op import source_key
 
 # Inductor's internals the bundle patches and extends (`torch_api`, feature `bundle_kernels`).
@@ -195,6 +196,17 @@ def wait_for_builds() -> None:
     """Block until every bundle build started so far is done (a kernel's first call waits
     only for its own): for a cache folder that no build still writes to."""
     wait(list(_running))
+
+
+def _forget_builds() -> None:
+    """After every running build is done: no build is running, no failure was logged."""
+    wait_for_builds()
+    _running.clear()
+    _failures.clear()
+
+
+process_state.owns("C++ bundle builds", _running, _forget_builds)
+process_state.owns("C++ bundle failures", _failures, _forget_builds)
 
 
 def _bundleable(argtypes: list[str], source: str) -> bool:

@@ -40,7 +40,7 @@ def why_uncompiled(module: torch.nn.Module) -> str:
             return (f"Dynamo hit torch._dynamo.config.recompile_limit ({limit}) for "
                     f"{what} ({versions} compiled versions) and runs it uncompiled "
                     f"for the rest of this process. Each torch.compile of this code with other "
-                    f"backend options, dtypes, input shapes or model layouts adds a version; "
+                    f"backend options, dtypes, input shapes or model architectures adds a version; "
                     f"wavepass's cache settings (threshold, hit limit, warm-up, start/end) are "
                     f"run-time values and add none. Fix: restart the process with fewer compile "
                     f"variants of the model, or raise torch._dynamo.config.recompile_limit "

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import warnings
 
+from . import process_state
+
 _warned: set[str] = set()
+process_state.owns("warnings given", _warned)
 
 
 class WavespeedWarning(UserWarning):

@@ -93,7 +93,7 @@ class CacheOptions:
         refuses `mode=` beside `options=`; here it is one more option, so that equal settings
         compare equal and Dynamo reuses what it compiled.
     inductor: Inductor config patches (e.g. {"max_autotune": True}), applied to every piece
-        over `compilers.PIECE_PATCHES` (pieces skip Inductor's per-input size asserts).
+        over `compiler_interface.PIECE_PATCHES` (pieces skip Inductor's per-input size asserts).
     outline_blocks: compile each distinct block structure once per piece and call it for
         every block of that structure (False: Inductor inlines every block).
     bundle_kernels: build each piece's C++ kernels (CPU) as one library instead of one

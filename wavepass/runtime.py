@@ -1,4 +1,4 @@
-"""The cached program Dynamo calls, and all of wavepass's mutable state.
+"""The cached program Dynamo calls, and the state it keeps per model.
 
 One `CachedProgram` per compiled graph runs head, decides, then runs rest or adds the stored
 residuals, then runs tail. `stack_cache.StackCache` (a stack split into several graphs) runs
@@ -35,7 +35,9 @@ Counting for `stats()` (calls, hits, recent decisions) is per program and model 
 ledger) and cleared only by `reset()`. A graph the backend compiled without the cache (`UncachedProgram`) counts its
 calls with the reason; a call of a watched model that reached no program of ours at all
 (`watch`: Dynamo stopped compiling it) is counted against the model with the reason
-`diagnosis.py` finds. Passes and the backend hold no state; everything mutable lives here.
+`diagnosis.py` finds. Passes and the backend hold no state. The stores this module keeps
+for the whole process (its programs, the missed calls) are registered with `process_state.py`,
+which owns every process-wide store of wavepass and clears them all in one call.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing import Any
 
 import torch
 
+from . import process_state
 from .notices import compile_failure, warn_once
 from .options import EXTRAPOLATING, CacheSettings
 
@@ -71,6 +74,8 @@ _thread = threading.local()  # `key`: this thread's default cache context (see `
 _watched: ContextVar[torch.nn.Module | None] = ContextVar("wavepass_watched", default=None)
 # per watched module: its calls that reached no wavepass program, and why
 _missed: weakref.WeakKeyDictionary[torch.nn.Module, _Missed] = weakref.WeakKeyDictionary()
+process_state.owns("programs", _programs)
+process_state.owns("missed calls", _missed)
 
 
 @dataclass(frozen=True)
@@ -260,7 +265,7 @@ class Wiring:
     parameters: tuple[int, ...]
     activations: tuple[int, ...]
     # (slot, sizes, strides) rest and tail were compiled for, of values passed between pieces
-    layouts: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] = ()
+    strides: tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...] = ()
 
 
 @dataclass
@@ -481,7 +486,7 @@ class CachedProgram(DecidingProgram):
                     state.keep(self._kept(outputs[-1]), tuple(map(self._kept, outputs_rest[len(w.rest_out):])),
                                settings)
                     state.strides = tuple(values[result].stride() for *_, result in w.streams)
-            _check_layouts(values, w.layouts)
+            _check_strides(values, w.strides)
             result = self._tail(*self._tail_args(values))
         except BaseException:
             state.clear()
@@ -502,10 +507,10 @@ def _itself(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _check_layouts(values: Sequence[Any], layouts: tuple[tuple[int, tuple, tuple], ...]) -> None:
+def _check_strides(values: Sequence[Any], strides_of: tuple[tuple[int, tuple, tuple], ...]) -> None:
     """Compiled pieces run without Inductor's per-input size asserts (hundreds of weights,
     which Dynamo's guards cover); the few values passed between pieces are checked here."""
-    for slot, sizes, strides in layouts:
+    for slot, sizes, strides in strides_of:
         value = values[slot]
         if value is not None and (value.shape != sizes or value.stride() != strides):
             raise RuntimeError(

@@ -75,7 +75,7 @@ from typing import Any
 
 import torch
 
-from . import torch_api
+from . import process_state, torch_api
 from .distributed import reducer_over
 from .module_stack import Stack, enclosing_stack, owner_variables
 from .notices import warn_once
@@ -469,6 +469,16 @@ def uninstall(model: Any) -> None:
         cache = _installed.pop(module, None)
         if cache is not None:
             cache.uninstall()
+
+
+def _uninstall_every_cache() -> None:
+    """Take every installed cache off its blocks (`reset_process_state`)."""
+    while _installed:
+        _, cache = _installed.popitem()
+        cache.uninstall()
+
+
+process_state.owns("stack caches", _installed, _uninstall_every_cache)
 
 
 def _position(inputs: Sequence[Any], value: torch.Tensor, what: str, block: str) -> int | None:

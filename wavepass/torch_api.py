@@ -87,6 +87,8 @@ from typing import Any
 
 import torch
 
+from . import process_state
+
 log = logging.getLogger("wavepass")
 TESTED = "torch>=2.11,<2.16"
 
@@ -203,11 +205,12 @@ FEATURES: dict[str, Feature] = {
         ("inductor_cudagraphs",),
         "Inductor compiles such pieces too (it cannot be told whether it records them as CUDA graphs)"),
     "static_inputs": Feature(
-        "marking each piece's weights as static inputs, as Dynamo marks its graphs (compilers._mark_dynamo_inputs)",
+        "marking each piece's weights as static inputs, as Dynamo marks its graphs "
+        "(compiler_interface._mark_dynamo_inputs)",
         ("current_compile_id", "aot_reads_dynamo_marks"),
         "under CUDA graphs every input of a piece, the weights included, is copied at each replay"),
     "bare_block_graphs": Feature(
-        "running block graphs without AOTAutograd's runtime wrappers (compilers._block_callable)",
+        "running block graphs without AOTAutograd's runtime wrappers (InductorAdaptor.compile_block)",
         ("CompiledFxGraph", "OutputType", "TracingContext.try_get", "SerializableCompiledFunction",
          "is_any_autocast_enabled"),
         "block graphs run inside AOTAutograd's runtime wrappers (~10-15 us more a call)"),
@@ -216,7 +219,8 @@ FEATURES: dict[str, Feature] = {
         ("get_eval_frame_callback", "skip_code"),
         "such a model compiles without the cache, after the warning that names the graph break"),
     "dynamo_restarts": Feature(
-        "passing Dynamo's restarts of its analysis (RestartAnalysis) from a piece's compile on to Dynamo (compilers.compile_graph)",
+        "passing Dynamo's restarts of its analysis (RestartAnalysis) from a piece's compile on to Dynamo "
+        "(pipeline.compile_plan)",
         ("RestartAnalysis",),
         "a restart raised while a piece's blocks compile is taken for a failed outline: the piece is compiled "
         "whole"),
@@ -232,9 +236,11 @@ FEATURES: dict[str, Feature] = {
         "wavepass counts in a dictionary of its own, wavepass.torch_api.counters()"),
 }
 
-_verdicts: dict[str, str | None] = {}  # feature (or "core") -> why it is off, None where on
+_off_reasons: dict[str, str | None] = {}  # feature (or "core") -> why it is off, None where on
 _lock = threading.Lock()
 _own_counters: defaultdict[str, Counter[str]] = defaultdict(Counter)
+process_state.owns("torch features", _off_reasons)
+process_state.owns("own counters", _own_counters)
 
 
 def _lookup(path: str) -> Any:
@@ -279,18 +285,18 @@ def _missing(names: Iterable[str]) -> str | None:
 def enabled(feature: str) -> bool:
     """Whether this torch has what optional `feature` (see `FEATURES`) needs. The first time
     it does not, one INFO line on the "wavepass" logger says what is missing and what
-    happens instead; the verdict holds for the process."""
-    if feature not in _verdicts:
+    happens instead; the answer holds for the process (until `reset_process_state`)."""
+    if feature not in _off_reasons:
         with _lock:
-            if feature not in _verdicts:
+            if feature not in _off_reasons:
                 spec = FEATURES[feature]
                 reason = _missing(spec.apis)
                 if reason is None and spec.check is not None:
                     reason = spec.check()
                 if reason is not None:
                     log.info("wavespeed: %s is off: %s; %s", spec.what, reason, spec.without)
-                _verdicts[feature] = reason
-    return _verdicts[feature] is None
+                _off_reasons[feature] = reason
+    return _off_reasons[feature] is None
 
 
 def core_unavailable_reason() -> str | None:
@@ -298,9 +304,9 @@ def core_unavailable_reason() -> str | None:
     values, the partition's size facts); otherwise why, naming the API and the torch
     version: the backend then compiles the whole graph as plain Inductor after one warning
     with these words."""
-    if "core" not in _verdicts:
-        _verdicts["core"] = _missing(CORE)
-    reason = _verdicts["core"]
+    if "core" not in _off_reasons:
+        _off_reasons["core"] = _missing(CORE)
+    reason = _off_reasons["core"]
     if reason is None:
         return None
     return f"{reason}, which wavepass needs to cache (it is tested on {TESTED})"

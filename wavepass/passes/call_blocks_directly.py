@@ -20,23 +20,19 @@ The input graph is not changed.
 from __future__ import annotations
 
 import copy
-import operator
 
-import torch
 from torch.fx import GraphModule
 
 from ..block_op import BLOCKS, run_blocks
-
-# Besides block calls and taking their outputs apart, a piece run as Python may only do
-# elementwise additions and subtractions (residuals, ControlNet samples): one eager op each.
-_GLUE = {operator.getitem, operator.add, operator.sub, torch.add, torch.sub}
+from .fx_facts import is_additive_glue
 
 
 def calls_only_blocks(gm: GraphModule) -> bool:
-    """Whether `gm` computes nothing but `wavepass.blocks` calls and `_GLUE` on their results."""
+    """Whether `gm` computes nothing but `wavepass.blocks` calls and additive glue on their
+    results (`fx_facts.is_additive_glue`)."""
     calls = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     return (any(n.target is BLOCKS for n in calls)
-            and all(n.op == "call_function" and (n.target is BLOCKS or n.target in _GLUE) for n in calls))
+            and all(n.op == "call_function" and n.target is BLOCKS or is_additive_glue(n) for n in calls))
 
 
 def call_blocks_directly(gm: GraphModule) -> GraphModule:

@@ -29,12 +29,11 @@ from __future__ import annotations
 import operator
 from collections.abc import Mapping
 
-import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .. import torch_api
 from ..block_op import BLOCKS
-from .fx_facts import example_value, is_inplace
+from .fx_facts import example_value, is_inplace, plain_static_tensors
 
 
 def call_compiled_blocks(gm: GraphModule, names: Mapping[str, str]) -> GraphModule:
@@ -117,10 +116,7 @@ def is_static(subgraph: GraphModule) -> bool:
     with it by Inductor (outline_blocks' key keeps it apart from plain blocks)."""
     placeholders = subgraph.graph.find_nodes(op="placeholder")
     (outputs,) = subgraph.graph.find_nodes(op="output")[0].args
-    values = [example_value(n) for n in (*placeholders, *outputs)]
-    plain = torch_api.plain_tensor_types()
-    return (all(isinstance(v, torch.Tensor) and (type(v) is torch.Tensor or isinstance(v, plain)) for v in values)
-            and not torch_api.free_symbols(values))
+    return plain_static_tensors(example_value(n) for n in (*placeholders, *outputs))
 
 
 def _called_kind(node) -> str | None:

@@ -71,7 +71,7 @@ class Block:
 
 
 @dataclass(frozen=True)
-class BlockLayout:
+class BlockRegion:
     """The cached region: stacks of blocks, in graph order."""
 
     stacks: tuple[tuple[Block, ...], ...]
@@ -97,41 +97,41 @@ class BlockLayout:
 MAX_REGIONS = 16
 
 
-def find_blocks(gm: GraphModule) -> list[BlockLayout]:
+def find_blocks(gm: GraphModule) -> list[BlockRegion]:
     """The regions worth caching, best first (at most `MAX_REGIONS`); raise
     `NoRepeatedBlocks` if there is none."""
     nodes = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module")]
     position = {node: i for i, node in enumerate(nodes)}
-    layouts: dict[BlockLayout, None] = {}
+    regions: dict[BlockRegion, None] = {}
     for outermost in (False, True):
         stacks = _stacks(nodes, position, outermost)
         if stacks:
-            layouts.update(dict.fromkeys(_layouts(stacks)))
-    if not layouts:
+            regions.update(dict.fromkeys(_regions(stacks)))
+    if not regions:
         raise NoRepeatedBlocks(
             "no stack of repeated blocks found in the graph (wavespeed caches models that run "
             "two or more blocks from an nn.ModuleList); if the blocks sit behind a graph "
             "break, remove it (compile with fullgraph=True to see where it is)"
         )
-    return sorted(layouts, key=lambda layout: -_cached_work(layout, position))[:MAX_REGIONS]
+    return sorted(regions, key=lambda region: -_cached_work(region, position))[:MAX_REGIONS]
 
 
-def _layouts(stacks: list[tuple[Block, ...]]) -> list[BlockLayout]:
+def _regions(stacks: list[tuple[Block, ...]]) -> list[BlockRegion]:
     """Every contiguous run of sibling stacks (in graph order), single stacks included."""
     siblings: dict[str, list[tuple[Block, ...]]] = defaultdict(list)
     for stack in stacks:
         siblings[_parent(stack)].append(stack)
     return [
-        BlockLayout(tuple(group[start:stop]))
+        BlockRegion(tuple(group[start:stop]))
         for group in siblings.values()
         for start in range(len(group))
         for stop in range(start + 1, len(group) + 1)
     ]
 
 
-def _cached_work(layout: BlockLayout, position: dict[Node, int]) -> int:
+def _cached_work(region: BlockRegion, position: dict[Node, int]) -> int:
     """Nodes a skipped step saves: from after the first block to the end of the last."""
-    return position[layout.last_block.nodes[-1]] - position[layout.first_block.nodes[-1]]
+    return position[region.last_block.nodes[-1]] - position[region.first_block.nodes[-1]]
 
 
 def _stacks(nodes: list[Node], position: dict[Node, int], outermost: bool) -> list[tuple[Block, ...]]:

@@ -105,6 +105,27 @@ def is_tensor(node: Node) -> bool:
     return isinstance(example_value(node), torch.Tensor)
 
 
+def plain_static_tensors(values) -> bool:
+    """Whether every one of `values` is a plain tensor (no tensor subclass; fake and
+    functional tensors are plain while Dynamo and AOTAutograd trace) whose sizes, strides
+    and offset are plain integers."""
+    values = list(values)
+    plain = torch_api.plain_tensor_types()
+    return (all(isinstance(v, torch.Tensor) and (type(v) is torch.Tensor or isinstance(v, plain)) for v in values)
+            and not torch_api.free_symbols(values))
+
+
+# Besides block calls and taking their outputs apart, a graph run as Python may only do
+# elementwise additions and subtractions (residuals, ControlNet samples): one eager op each.
+_ADDITIVE_GLUE = frozenset({operator.getitem, operator.add, operator.sub, torch.add, torch.sub})
+
+
+def is_additive_glue(node: Node) -> bool:
+    """Whether `node` takes a tuple apart or adds or subtracts: glue that a graph of block
+    calls can run as Python (`call_blocks_directly`)."""
+    return node.op == "call_function" and node.target in _ADDITIVE_GLUE
+
+
 def carries_data(node: Node) -> bool:
     """Whether `node` holds data (a tensor, or a tuple of them), not a size or another number."""
     return not isinstance(example_value(node), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))

@@ -6,7 +6,8 @@ graph compiled on its own; Inductor lowers the others once per graph); the glue 
 blocks stays inline. The calls are `torch.ops.higher_order.invoke_subgraph`, the operator
 `torch.compiler.nested_compile_region` produces. A block whose structure occurs once (in
 the graph, or among the graphs `occurrences` counts) stays inline, since a subgraph would
-only add a call and block fusion with its neighbours, unless `every_block` asks for it too
+only add a call and block fusion with its neighbours, unless `every_block` asks for it too,
+or, by default in the pipeline, where outlining it leaves the graph nothing but block calls
 (SD3's last block, which differs from the others: as a subgraph call, `rest` is then only
 block calls, which need no compile of their own; see `call_blocks_directly`).
 
@@ -59,11 +60,12 @@ from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
 from .. import torch_api
-from .errors import NoRepeatedBlocks, UnsafeCut
+from .errors import CannotCache, NoRepeatedBlocks, UnsafeCut
 from .fx_facts import (
-    BlockTag, block_tag, example_value, in_submodule_of_block, inputs_of, is_tensor, is_view,
-    size_inputs, written_bases,
+    BlockTag, block_tag, example_value, in_submodule_of_block, inputs_of, is_additive_glue, is_tensor, is_view,
+    plain_static_tensors, size_inputs, written_bases,
 )
+from .subgraph import extract
 
 _BODY_OPS = ("call_function", "call_method", "call_module")
 
@@ -92,13 +94,15 @@ class _Block:
 
 
 def outline_blocks(gm: GraphModule, occurrences: Mapping[Hashable, int] | None = None,
-                   every_block: bool = False) -> GraphModule:
+                   every_block: bool | None = False) -> GraphModule:
     """`gm` with each block whose structure repeats a call of that structure's subgraph
     (attribute `block_kind_<k>`, whose `meta["structure"]` is its `structural_key`); blocks
-    of a structure that occurs once (unless `every_block`), and glue, are copied as they
-    are. `occurrences` counts the structures over several graphs (`block_structures`,
-    summed), so that a block alone in its graph is outlined too where its structure occurs
-    in another; by default, over `gm` alone."""
+    of a structure that occurs once, and glue, are copied as they are. `every_block`: those
+    blocks are outlined too; None: where that leaves `gm` nothing but calls of static
+    structures and additive glue (`_leaves_only_calls`), so that it can run as Python.
+    `occurrences` counts the structures over several graphs (`block_structures`, summed),
+    so that a block alone in its graph is outlined too where its structure occurs in
+    another; by default, over `gm` alone."""
     sizes = _size_symbols(gm)
     segments = segments_of(gm)
     blocks = {s: _block(gm, s, sizes) for s in segments if s.tag is not None}
@@ -107,6 +111,8 @@ def outline_blocks(gm: GraphModule, occurrences: Mapping[Hashable, int] | None =
     repeated = {s: block for s, block in blocks.items() if occurrences.get(block.key, 0) > 1}
     if not repeated:
         raise NoRepeatedBlocks(f"no block structure occurs twice among the graph's {len(blocks)} block(s)")
+    if every_block is None:
+        every_block = len(repeated) < len(blocks) and _leaves_only_calls(gm, segments, blocks)
     outlined = blocks if every_block else repeated
     for block in outlined.values():
         _check_writes_stay_inside(block.segment)
@@ -142,10 +148,32 @@ def block_structures(gm: GraphModule) -> Counter[Hashable]:
     return Counter(_block(gm, s, sizes).key for s in segments_of(gm) if s.tag is not None)
 
 
+def _leaves_only_calls(gm: GraphModule, segments: list[Segment], blocks: dict[Segment, _Block]) -> bool:
+    """Whether, every block outlined, `gm` would hold nothing but calls of static structures
+    (which `call_compiled_blocks` turns into `wavepass.blocks` calls) and additive glue: no
+    attribute read, no view beside a block, every block a subgraph that can be cut."""
+    if gm.graph.find_nodes(op="get_attr"):
+        return False
+    for segment in segments:
+        if segment.tag is None:
+            if not all(map(is_additive_glue, segment.nodes)):
+                return False
+            continue
+        block = blocks[segment]
+        if block.leading or block.views or not plain_static_tensors(map(example_value, (*block.inputs, *block.outputs))):
+            return False
+        try:
+            _check_writes_stay_inside(block.segment)
+            _check_fresh(block)
+        except CannotCache:
+            return False
+    return True
+
+
 def _block(gm: GraphModule, segment: Segment, sizes: dict[Any, Node]) -> _Block:
     kept, leading, views = _peeled(segment)
     inputs, outputs = _inputs(kept, sizes), _outputs(kept)
-    graph = _subgraph(kept, inputs, outputs)
+    graph = extract(kept.nodes, inputs, outputs)
     return _Block(kept, leading, views, inputs, outputs, graph,
                   structural_key(graph, [example_value(v) for v in inputs]))
 
@@ -258,19 +286,6 @@ def _outputs(segment: Segment) -> list[Node]:
     return [n for n in segment.nodes if any(user not in inside for user in n.users)]
 
 
-def _subgraph(segment: Segment, inputs: list[Node], outputs: list[Node]) -> Graph:
-    graph = Graph()
-    env: dict[Node, Node] = {}
-    for value in inputs:
-        env[value] = graph.placeholder(value.name)
-        env[value].meta = dict(value.meta)
-    for node in segment.nodes:
-        env[node] = graph.node_copy(node, env.__getitem__)
-    graph.output(tuple(env[n] for n in outputs))
-    graph.lint()
-    return graph
-
-
 def _call(graph: Graph, kind: str, block: _Block, env: dict[Node, Node]) -> None:
     """Call subgraph `kind` on the block's inputs, bind each output to a `getitem` of the
     call, then copy the block's trailing views (its leading views go first)."""
@@ -288,7 +303,7 @@ def _call(graph: Graph, kind: str, block: _Block, env: dict[Node, Node]) -> None
 
 
 def structural_key(graph: Graph, example_inputs: Sequence[Any]) -> Hashable:
-    """Equal keys: the same program on inputs of the same layout, so one subgraph serves
+    """Equal keys: the same program on inputs of the same kind, so one subgraph serves
     both. Ops, targets and constant arguments are compared with node references numbered
     by position (placeholder names, which name the weights, are left out); inputs by sizes,
     strides (symbolic ones by expression), tensor type (a subclass by name, with its inner
@@ -308,7 +323,7 @@ def structural_key(graph: Graph, example_inputs: Sequence[Any]) -> Hashable:
         for node in graph.nodes
     )
     offsets = any("as_strided" in op[1] for op in ops)
-    return ops, tuple(_layout(x, offsets) for x in example_inputs)
+    return ops, tuple(_input_key(x, offsets) for x in example_inputs)
 
 
 def _target_name(target: Any) -> str:
@@ -320,7 +335,7 @@ def _target_name(target: Any) -> str:
     return f"{getattr(target, '__module__', '')}.{target.__qualname__}"
 
 
-def _layout(value: Any, offset: bool) -> Hashable:
+def _input_key(value: Any, offset: bool) -> Hashable:
     if isinstance(value, torch.Tensor):
         strides = tuple("-" if str(size) == "1" else str(stride) for size, stride in zip(value.shape, value.stride()))
         return (_tensor_type(value, offset), tuple(map(str, value.shape)), strides,
@@ -342,7 +357,7 @@ def _tensor_type(value: torch.Tensor, offset: bool) -> Hashable:
     if not torch_api.is_wrapper_subclass(value):
         return name
     attributes, context = value.__tensor_flatten__()
-    return name, repr(context), tuple((a, _layout(getattr(value, a), offset)) for a in attributes)
+    return name, repr(context), tuple((a, _input_key(getattr(value, a), offset)) for a in attributes)
 
 
 @functools.cache

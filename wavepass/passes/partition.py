@@ -63,8 +63,9 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 from .errors import UnsafeCut
-from .find_blocks import BlockLayout
+from .find_blocks import BlockRegion
 from .find_streams import disjoint, parts_read, read_regions, slice_region, trace_concatenation, trace_stream
+from .subgraph import graph_reading
 from .fx_facts import (
     alias_root, depends_on, example_value, inputs_of, is_inplace, is_tensor, same_shape, same_sizes,
     size_inputs, written_bases,
@@ -101,17 +102,17 @@ class CachedPartition:
     tail: Piece
     streams: tuple[Stream, ...]
     signal_source: Node
-    layout: BlockLayout
+    region: BlockRegion
 
 
-def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
-    """Cut `gm` around the blocks of `layout`; raise `UnsafeCut` where the cut is not correct."""
+def partition(gm: GraphModule, region: BlockRegion) -> CachedPartition:
+    """Cut `gm` around the blocks of `region`; raise `UnsafeCut` where the cut is not correct."""
     nodes = list(gm.graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
     placeholders = tuple(n for n in nodes if n.op == "placeholder")
-    first_start = position[layout.first_block.nodes[0]]
-    head_end = position[layout.first_block.nodes[-1]]
-    rest_end = position[layout.last_block.nodes[-1]]
+    first_start = position[region.first_block.nodes[0]]
+    head_end = position[region.first_block.nodes[-1]]
+    rest_end = position[region.last_block.nodes[-1]]
 
     output = nodes[-1]
     first_block = nodes[first_start : head_end + 1]
@@ -133,7 +134,7 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
     streams = tuple(_stream_of(result, sources, first_outputs, rest_set) for result in results)
     if not streams:
         raise UnsafeCut("the epilogue reads nothing the blocks computed; nothing to cache")
-    deciding = _deciding_outputs(streams, output, tail_set, first_outputs, layout)
+    deciding = _deciding_outputs(streams, output, tail_set, first_outputs, region)
     inputs = {source: trace_stream(source, block_inputs, set(first_block)) for source in deciding}
     if len(deciding) > 1:
         latents = _latent_inputs(placeholders, output)
@@ -144,7 +145,7 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
     if signal_input is None:
         raise UnsafeCut(
             f"the input of the stream that decides (`{signal_source.name}`) to the first block "
-            f"({layout.first_block.path}) cannot be traced: no residual path (`x + f(x)`, "
+            f"({region.first_block.path}) cannot be traced: no residual path (`x + f(x)`, "
             "`addcmul(x, ...)`, ...) leads from its output back to an input of the block, so its "
             "residual cannot be measured"
         )
@@ -153,11 +154,11 @@ def partition(gm: GraphModule, layout: BlockLayout) -> CachedPartition:
     head_piece = _build_head(gm, head, head_outputs, signal_source, signal_input, first_block[0])
     rest_piece = _build_rest(gm, rest, rest_set, tuple(results), streams)
     tail_piece = _build(gm, tail, inputs_of(tail + [output], set(tail)), (), output_node=output)
-    return CachedPartition(placeholders, head_piece, rest_piece, tail_piece, streams, signal_source, layout)
+    return CachedPartition(placeholders, head_piece, rest_piece, tail_piece, streams, signal_source, region)
 
 
 def _deciding_outputs(streams: tuple[Stream, ...], output: Node, tail: set[Node], first_outputs: set[Node],
-                      layout: BlockLayout) -> list[Node]:
+                      region: BlockRegion) -> list[Node]:
     """The first-block outputs that the graph's output is computed from (rule 1 above)."""
     reads = read_regions(output, {s.result for s in streams}, tail)
     found: dict[Node, None] = {}
@@ -168,7 +169,7 @@ def _deciding_outputs(streams: tuple[Stream, ...], output: Node, tail: set[Node]
     if not found:
         raise UnsafeCut(
             f"the model's output is computed from no value that the first block "
-            f"({layout.first_block.path}) computes; no residual of it can decide"
+            f"({region.first_block.path}) computes; no residual of it can decide"
         )
     return list(found)
 
@@ -281,14 +282,9 @@ def _build(gm, nodes, inputs, outputs, output_node=None, before=None, after=None
     graph's size inputs (SymInt placeholders under dynamic shapes): Inductor needs each symbol
     a piece's values use among its inputs.
     """
-    graph = Graph()
-    env: dict[Node, Node] = {}
-    placeholders: dict[Node, Node] = {}
     inputs = list(inputs) + [s for s in size_inputs(gm) if s not in inputs]
-    for value in inputs:
-        placeholder = graph.placeholder(value.name)
-        placeholder.meta = dict(value.meta)
-        placeholders[value] = env[value] = placeholder
+    graph, env = graph_reading(inputs)
+    placeholders = dict(env)
     for value in _inputs_written_in_place(nodes, inputs):
         env[value] = _copy(graph, placeholders[value], f"{value.name}_copy")
     for node in nodes:
