@@ -133,9 +133,9 @@ def test_pack_loads_through_load_custom_node(pack_loaded):
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == display_name
 
 
-def test_seven_demo_workflows():
+def test_eight_demo_workflows():
     assert WORKFLOWS == sorted(["flux1-dev", "flux-controlnet", "ltxv", "hunyuan-video", "sd35", "sdxl",
-                                "wan22-two-experts"])
+                                "wan22-two-experts", "flux-two-gpus"])
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

@@ -2,6 +2,7 @@
 
     Apply First Block Cache   (WavepassApplyFirstBlockCache)  MODEL -> MODEL
     Compile Model+            (WavepassCompileModelPlus)      MODEL -> MODEL
+    Parallel Model (wavespeed) (WavepassParallelModel)        MODEL -> MODEL (parallel.py)
 
 Each returns a clone of its input MODEL with its settings added (the input is never
 changed). Chained in either order they make one `torch.compile(..., backend="wavespeed")`
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import json
 
+import torch
 from comfy_api.latest import io
 
 from wavepass import POLICIES
 
+from . import parallel
 from .sampling import install, settings_of
 
 CATEGORY = "wavespeed"
@@ -171,4 +174,53 @@ def _inductor_patches(text: str) -> dict:
     return patches
 
 
-NODES = [ApplyFirstBlockCache, CompileModelPlus]
+class ParallelModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="WavepassParallelModel", display_name="Parallel Model (wavespeed)", category=CATEGORY,
+            description="Samples the model on several devices (sequence parallelism: each device "
+                        "holds a share of the tokens, attention is Ulysses). Composes with Apply "
+                        "First Block Cache and Compile Model+ in either order. Flux and Wan 2.1.",
+            inputs=[
+                io.Model.Input("model"),
+                io.String.Input(
+                    "devices", default="cuda:0,cuda:1",
+                    tooltip="The devices, separated by commas; the first is ComfyUI's own (it runs "
+                            "the sampler), one worker process is started for each other.",
+                ),
+                io.Combo.Input(
+                    "backend", options=["auto", "nccl", "gloo"], default="auto", advanced=True,
+                    tooltip="torch.distributed backend: auto is nccl on CUDA devices, gloo otherwise.",
+                ),
+                io.Int.Input(
+                    "timeout_s", default=300, min=5, max=3600, advanced=True,
+                    tooltip="How long a device waits for the others before the run fails with an "
+                            "error naming the worker (a worker that dies fails the run at once).",
+                ),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, devices, backend="auto", timeout_s=300) -> io.NodeOutput:
+        import comfy.model_management
+
+        listed = parallel.parse_devices(devices)
+        own = comfy.model_management.get_torch_device()
+        first = torch.device(listed[0])
+        if first.type != own.type or (first.type == "cuda" and first.index != own.index):
+            raise parallel.ParallelRefusal(
+                f"Parallel Model: the first device must be ComfyUI's own ({own}), where the "
+                f"sampler runs; got {listed[0]}. Fix: list {own} first.")
+        parallel.check_model(model.get_model_object("diffusion_model"), len(listed))
+        clone = model.clone(disable_dynamic=True)
+        settings = settings_of(clone)
+        settings["parallel"] = {"devices": list(listed), "backend": parallel.backend_for(listed, backend),
+                                "timeout_s": float(timeout_s)}
+        install(clone)  # the wavespeed wrappers' snapshot now names the devices
+        parallel.install(clone, settings)
+        return io.NodeOutput(clone)
+
+
+NODES = [ApplyFirstBlockCache, CompileModelPlus, ParallelModel]

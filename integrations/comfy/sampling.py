@@ -83,8 +83,15 @@ def install(patcher) -> None:
     settings = json.loads(json.dumps(settings_of(patcher)))  # a snapshot, plain values only
     for kind in (WrappersMP.OUTER_SAMPLE, WrappersMP.APPLY_MODEL):
         patcher.remove_wrappers_with_key(kind, WRAPPER_KEY)
+    if not uses_wavespeed(settings):  # only Parallel Model's settings: nothing to compile or cache
+        return
     patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper(settings))
     patcher.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper(settings))
+
+
+def uses_wavespeed(settings: dict[str, dict[str, Any]]) -> bool:
+    """Whether Apply First Block Cache or Compile Model+ is on the MODEL."""
+    return "cache" in settings or "compile" in settings
 
 
 def backend_options(settings: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -111,7 +118,7 @@ def cache_settings(settings: dict[str, dict[str, Any]]) -> dict[str, Any]:
 def _skip_transformer_options_guards(guard_entries) -> list[bool]:
     """ComfyUI passes per-call bookkeeping (sigmas, chunk layout, wrappers) in
     `transformer_options`; guarding on it would recompile every step (as ComfyUI's own
-    TorchCompileModel node, we keep no guards on it).
+    TorchCompileModel node, we keep no guards on it, except those of CODE_OPTIONS).
 
     Given a filter, Dynamo builds the guards twice: once to show them to the filter, then the
     kept ones again. The first build leaves on each guard a weak reference to the object it
@@ -129,14 +136,35 @@ def _skip_transformer_options_guards(guard_entries) -> list[bool]:
                 guard.obj_weakref = None
             except (AttributeError, TypeError):  # another torch's Guard: nothing to undo
                 pass
-    return ["transformer_options" not in entry.name for entry in guard_entries]
+    return [_kept_guard(entry) for entry in guard_entries]
+
+
+# What `transformer_options` holds that changes the model's code, not per call: the block
+# patches and attention of Parallel Model (or of another pack). Their guards stay, and so do
+# the guards on which keys the dict has, so that a program compiled without them is never
+# run with them (or the other way round).
+CODE_OPTIONS = ("optimized_attention_override", "patches_replace")
+
+
+def _kept_guard(entry) -> bool:
+    name = entry.name
+    if "transformer_options" not in name:
+        return True
+    if any(f"transformer_options[{key!r}]" in name for key in CODE_OPTIONS):
+        return True
+    return name == "transformer_options" and getattr(entry, "guard_type", None) in KEY_GUARDS
+
+
+KEY_GUARDS = ("DICT_KEYS_MATCH", "DICT_CONTAINS", "DICT_NOT_CONTAINS")  # which keys, not their values
 
 
 def compiled_module(module: torch.nn.Module, settings: dict[str, dict[str, Any]]) -> Callable:
     """`torch.compile(module, backend="wavespeed", ...)`, one per module and compile settings
     (the cache settings reach the program at run time, through `wavepass.cache_settings`)."""
     options, kwargs = backend_options(settings)
-    key = json.dumps([options, kwargs], sort_keys=True)
+    # a sharded program (Parallel Model's settings) and a one-device program of the same
+    # module are two compiled modules (and CODE_OPTIONS' guards keep their code apart)
+    key = json.dumps([options, kwargs, settings.get("parallel")], sort_keys=True)
     per_module = module.__dict__.setdefault(_COMPILED_ATTRIBUTE, {})
     if key not in per_module:
         per_module[key] = torch.compile(
@@ -151,28 +179,34 @@ def _object_to_patch(settings) -> str:
 
 
 def _outer_sample_wrapper(settings):
-    cache = settings.get("cache", {})
-    key = _object_to_patch(settings)
-
     def outer_sample(executor, *args, **kwargs):
-        patcher = executor.class_obj.model_patcher
-        module = patcher.get_model_object(key)
-        sampling = patcher.get_model_object("model_sampling")
-        run = _Run(start_sigma=float(sampling.percent_to_sigma(cache.get("start", 0.0))),
-                   end_sigma=float(sampling.percent_to_sigma(cache.get("end", 1.0))))
-        wavepass.reset(module)
-        token = _run.set(run)
-        try:
-            result = executor(*args, **kwargs)
-        except BaseException:
-            wavepass.reset(module)
-            raise
-        finally:
-            _run.reset(token)
-        log.info("%s", run_stats(module, run))
-        return result
+        with sampling_run(executor.class_obj.model_patcher, settings):
+            return executor(*args, **kwargs)
 
     return outer_sample
+
+
+@contextmanager
+def sampling_run(patcher, settings: dict[str, dict[str, Any]]):
+    """One sampling run of `patcher`'s model: the cache starts clean, start/end are mapped to
+    sigmas, and the run's stats are logged at its end (an exception resets the cache again).
+    The OUTER_SAMPLE wrapper runs it around ComfyUI's sampler; a Parallel Model worker around
+    the calls rank 0 sends it."""
+    cache = settings.get("cache", {})
+    module = patcher.get_model_object(_object_to_patch(settings))
+    sampling = patcher.get_model_object("model_sampling")
+    run = _Run(start_sigma=float(sampling.percent_to_sigma(cache.get("start", 0.0))),
+               end_sigma=float(sampling.percent_to_sigma(cache.get("end", 1.0))))
+    wavepass.reset(module)
+    token = _run.set(run)
+    try:
+        yield run
+    except BaseException:
+        wavepass.reset(module)
+        raise
+    finally:
+        _run.reset(token)
+    log.info("%s", run_stats(module, run))
 
 
 def run_stats(module: torch.nn.Module, run: _Run) -> wavepass.Stats:
