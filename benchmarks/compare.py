@@ -16,15 +16,20 @@ Configurations: eager; plain Inductor; wavespeed; diffusers' `FirstBlockCacheCon
 and `torch.compile`); cache-dit's DBCache F1B0 (eager and compiled, and compiled with its
 TaylorSeer calibrator); para-attn's FLUX cache as shipped (fails on diffusers 0.42: the error is
 the result) and para-attn through a small labelled adapter (`para_attn_adapter`); ComfyUI's
-EasyCache through a labelled adapter (`comfy_easycache`). Every cache runs at each
-`--thresholds` value but EasyCache, whose threshold has another scale (`EASYCACHE_THRESHOLDS`).
+EasyCache through a labelled adapter (`comfy_easycache`); for the policy runs (docs/performance.md),
+our policies `taylor`, `predictive` and `accumulated`, diffusers' `MagCacheConfig` (one-sample
+calibration), `TaylorSeerCacheConfig` (default and lite) and `SeaCacheConfig` (through a labelled
+adapter, `seacache_flux_latents`), and cache-dit's DBCache F1B1 with and without TaylorSeer. Every
+cache runs at each `--thresholds` value but those whose knob has another scale (`EASYCACHE_THRESHOLDS`
+and the lists beside it).
 
 Figures per configuration: median wall time per image over `--repeats` x images, speed-up over
 eager (eager images run alternately with the configuration's, see `measure`), skipped steps
 per image, compile time cold (a subprocess with an empty Inductor cache folder) and warm
 (first image minus the median image, with the cold probe's cache), Dynamo recompiles and graph
-breaks, PSNR and max error of the final latents against eager, and (digits) the classifier's
-accuracy on the conditioned class.
+breaks, PSNR and max error of the final latents against eager, (digits) the classifier's
+accuracy on the conditioned class, and each family's measured cost of a skipped call with the
+speed-up in calls it gives (`skip_cost`, `speedup_in_calls`).
 
 Outputs under `--out` (default benchmarks/results/compare-<device>): .json, .md (docs/performance.md's
 table), .png (speed vs quality) and -<workload>.png for the trained models (generated images per
@@ -34,6 +39,7 @@ configuration).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -66,9 +72,23 @@ import trained  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLD_PROBE_THRESHOLD = 0.12  # a compiled family's cold compile is measured once, at this threshold
+# The peers whose knob has another scale than First Block Cache's threshold run at these values:
 # EasyCache's reuse_threshold bounds an accumulated estimate of the output's change (its node's
-# default is 0.2, its range 0..3), another scale than First Block Cache's
+# default 0.2, range 0..3); MagCache's threshold bounds its accumulated magnitude error (default
+# 0.06); TaylorSeerCache's knob is its cache_interval (default 5); SeaCache's threshold bounds
+# its accumulated spectral relative L1 (default 0.25); ours, see ACCUMULATED_THRESHOLDS.
 EASYCACHE_THRESHOLDS = (0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
+MAGCACHE_THRESHOLDS = (0.02, 0.04, 0.06, 0.1, 0.15, 0.25, 0.5)
+TAYLORSEER_INTERVALS = (2, 3, 4, 6)
+SEACACHE_THRESHOLDS = (0.1, 0.25, 0.4, 0.6, 1.0)
+# policy="accumulated" bounds a sum of First Block Cache's changes: higher thresholds, same quality
+ACCUMULATED_THRESHOLDS = (0.15, 0.3, 0.5, 0.8, 1.2, 2.0, 3.0)
+# The knob that computes every call and the one that skips every call a family allows, for
+# `skip_cost` (TaylorSeerCache: cache intervals)
+NEVER_SKIP, ALWAYS_SKIP = 0.0, 1e9
+FORCED_KNOBS = {"diffusers-taylorseer": (1, 1_000_000), "diffusers-taylorseer+compile": (1, 1_000_000),
+                "diffusers-taylorseer-lite+compile": (1, 1_000_000)}
+SKIP_COST_IMAGES = 5  # timed images per forced setting in `skip_cost`
 
 
 def parse_args(argv=None):
@@ -88,6 +108,9 @@ def parse_args(argv=None):
     parser.add_argument("--families", nargs="+", default=None,
                         help="only these configuration families (names as in the table; eager always runs)")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-compile subprocesses")
+    parser.add_argument("--skip-costs", type=Path, default=None,
+                        help="take each family's skipped-call cost from this earlier run's .json (per workload) "
+                             "instead of measuring it (`skip_cost`): it does not depend on the step count")
     parser.add_argument("--out", type=Path, default=None, help="output path prefix")
     parser.add_argument("--append", action="store_true",
                         help="keep the other workloads of an existing <out>.json (each keeps its own run's "
@@ -144,10 +167,13 @@ def workload_named(name, args, classifier=None):
 @dataclass
 class Runner:
     """How a configuration calls the denoiser: `call(**kwargs)` as FluxPipeline calls it,
-    `reset()` before each image, `skipped()` the skipped calls of the last image (None: no cache)."""
+    `reset()` before each image, `skipped()` the skipped calls of the last image (None: no cache).
+    `calibrate(sample_one)`, where given, runs before the first image: `sample_one()` samples
+    one image of the workload through `call` (MagCache's one-sample calibration)."""
     call: Callable
     reset: Callable[[], None] = lambda: None
     skipped: Callable[[], int | None] = lambda: None
+    calibrate: Callable[[Callable[[], torch.Tensor]], None] | None = None
 
 
 @dataclass
@@ -206,17 +232,18 @@ def diffusers_fbc(compiled):
     return setup
 
 
-def cache_dit(compiled, taylorseer=False):
-    """cache-dit DBCache with one front block and no back blocks (First Block Cache) on the
-    transformer alone, with its first-order TaylorSeer calibrator where `taylorseer`;
-    `refresh_context` starts each image, `summary` gives the cached steps."""
+def cache_dit(compiled, taylorseer=False, front=1, back=0):
+    """cache-dit DBCache computing the first `front` and the last `back` blocks on every call
+    (F1B0 is First Block Cache) on the transformer alone, with its first-order TaylorSeer
+    calibrator where `taylorseer`; `refresh_context` starts each image, `summary` gives the
+    cached steps."""
 
     def setup(model, threshold, steps):
         import cache_dit
         from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
 
         def config():
-            return DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+            return DBCacheConfig(Fn_compute_blocks=front, Bn_compute_blocks=back, residual_diff_threshold=threshold,
                                  max_warmup_steps=0, num_inference_steps=steps)
 
         calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylorseer else None
@@ -224,6 +251,132 @@ def cache_dit(compiled, taylorseer=False):
         fn = torch.compile(model) if compiled else model
         return Runner(fn, lambda: cache_dit.refresh_context(model, cache_config=config()),
                       lambda: len(cache_dit.summary(model, logging=False)[0].cached_steps))
+
+    return setup
+
+
+def diffusers_magcache(compiled):
+    """diffusers' `MagCacheConfig` at its defaults but the threshold (max_skip_steps 3,
+    retention_ratio 0.2), with the magnitude ratios of its calibration mode on one image of
+    the workload (its first; `calibrate=True` prints them at the last step, as its docs say to
+    copy them). Skips are read from the leader hook's state after each call."""
+
+    def setup(model, threshold, steps):
+        import contextlib
+        import io
+
+        from diffusers import MagCacheConfig
+
+        fn = torch.compile(model) if compiled else model
+        decisions = []
+
+        def call(**kwargs):
+            with model.cache_context("cond"):
+                out = fn(**kwargs)
+                decisions.append(not leader()[0].should_compute)
+            return out
+
+        def leader():
+            hook = model.transformer_blocks[0]._diffusers_hook.get_hook("mag_cache_leader_block_hook")
+            return hook.state_manager.get_state(), hook
+
+        def calibrate(sample_one):
+            model.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                sample_one()
+            ratios = json.loads(printed.getvalue().strip().splitlines()[-1])
+            model.disable_cache()
+            model.enable_cache(MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=ratios))
+
+        def reset():
+            model._reset_stateful_cache()
+            decisions.clear()
+
+        return Runner(call, reset, lambda: decisions.count(True), calibrate)
+
+    return setup
+
+
+def diffusers_taylorseer(compiled, lite=False):
+    """diffusers' `TaylorSeerCacheConfig`: the "threshold" is its `cache_interval` (a computed
+    call every that many calls after `disable_cache_before_step`, 3); first order, factors in
+    float32 (its docs' example). Default mode predicts the attention outputs (the feed-forwards
+    still run); `lite` (`use_lite_mode`) skips whole blocks and predicts `proj_out`. A call counts
+    as skipped where the first hooked module predicted (all hooked modules decide alike)."""
+
+    def setup(model, threshold, steps):
+        from diffusers import TaylorSeerCacheConfig
+
+        model.enable_cache(TaylorSeerCacheConfig(cache_interval=int(threshold), max_order=1,
+                                                 taylor_factors_dtype=torch.float32, use_lite_mode=lite))
+        hook = next(m._diffusers_hook.get_hook("taylorseer_cache") for m in model.modules()
+                    if getattr(m, "_diffusers_hook", None) is not None
+                    and m._diffusers_hook.get_hook("taylorseer_cache") is not None)
+        decisions = []
+        measure_should_compute = hook._measure_should_compute
+
+        @torch.compiler.disable
+        def recorded():
+            should_compute, state = measure_should_compute()
+            decisions.append(should_compute)
+            return should_compute, state
+
+        hook._measure_should_compute = recorded
+        fn = torch.compile(model) if compiled else model
+
+        def call(**kwargs):
+            with model.cache_context("cond"):
+                return fn(**kwargs)
+
+        def reset():
+            model._reset_stateful_cache()
+            decisions.clear()
+
+        return Runner(call, reset, lambda: decisions.count(False))
+
+    return setup
+
+
+def seacache_flux_latents(module, args, kwargs):
+    """ADAPTER (ours, not diffusers'): SeaCache's `raw_vision_callback` for FLUX, which has no
+    built-in one: the packed latent (batch, tokens, channels) as one (channels, 1, side, side)
+    latent per image (the 2x2 packing keeps a square grid of tokens; SeaCache filters the
+    spatial spectrum of what it is given)."""
+    latent = kwargs["hidden_states"]
+    side = math.isqrt(latent.shape[1])
+    return [x.transpose(0, 1).reshape(-1, 1, side, side) for x in latent]
+
+
+def diffusers_seacache(compiled):
+    """diffusers' `SeaCacheConfig` at its defaults but the threshold (residual_order 1,
+    retention_steps 1, cache_end_steps 1, max_consecutive_cached 2), through the labelled
+    `seacache_flux_latents` adapter, with the scheduler metadata it needs passed as its docs say:
+    `cache_context("cond", step_index=i, sigma=..., num_inference_steps=...)` (these models
+    sample with shift 1, so the timestep FluxPipeline passes is the sigma). Skips are read from
+    the leader hook's gate after each call."""
+
+    def setup(model, threshold, steps):
+        from diffusers import SeaCacheConfig
+        from diffusers.hooks import sea_cache
+
+        model.enable_cache(SeaCacheConfig(threshold=threshold, raw_vision_callback=seacache_flux_latents))
+        leader = model.transformer_blocks[0]._diffusers_hook.get_hook(sea_cache._SEA_CACHE_LEADER_BLOCK_HOOK)
+        fn = torch.compile(model) if compiled else model
+        decisions = []
+
+        def call(**kwargs):
+            sigma = float(kwargs["timestep"][0])
+            with model.cache_context("cond", step_index=len(decisions), sigma=sigma, num_inference_steps=steps):
+                out = fn(**kwargs)
+                decisions.append(not leader.state_manager.get_state().gate_should_compute)
+            return out
+
+        def reset():
+            model._reset_stateful_cache()
+            decisions.clear()
+
+        return Runner(call, reset, lambda: decisions.count(True))
 
     return setup
 
@@ -352,6 +505,7 @@ def configurations(thresholds, families=None):
         ("wavespeed", wavespeed("fbcache"), True, ""),
         ("wavespeed-taylor", wavespeed("taylor"), True, "policy='taylor'"),
         ("wavespeed-predictive", wavespeed("predictive"), True, "policy='predictive'"),
+        ("wavespeed-accumulated", wavespeed("accumulated"), True, "policy='accumulated'"),
         ("diffusers-fbc", diffusers_fbc(False), False, ""),
         ("diffusers-fbc+compile", diffusers_fbc(True), True, ""),
         ("para-attn", para_attn(False, False), False, "para-attn's own FLUX adapter"),
@@ -360,12 +514,26 @@ def configurations(thresholds, families=None):
         ("cache-dit", cache_dit(False), False, ""),
         ("cache-dit+compile", cache_dit(True), True, ""),
         ("cache-dit-taylorseer+compile", cache_dit(True, taylorseer=True), True, "TaylorSeer order 1"),
+        ("cache-dit-F1B1+compile", cache_dit(True, back=1), True, "DBCache F1B1"),
+        ("cache-dit-F1B1-taylorseer+compile", cache_dit(True, taylorseer=True, back=1), True,
+         "DBCache F1B1, TaylorSeer order 1"),
+        ("diffusers-magcache+compile", diffusers_magcache(True), True, "one-sample calibration"),
+        ("diffusers-taylorseer+compile", diffusers_taylorseer(True), True, "threshold = cache_interval"),
+        ("diffusers-taylorseer-lite+compile", diffusers_taylorseer(True, lite=True), True,
+         "use_lite_mode, threshold = cache_interval"),
+        ("diffusers-seacache+compile", diffusers_seacache(True), True, "FLUX latents via our adapter"),
         ("comfy-easycache+compile", comfy_easycache(True), True, "ComfyUI EasyCache via our adapter"),
     ]
     configs = [Config("eager", "eager", eager), Config("inductor", "inductor", inductor, compiled=True)]
+    own_scales = {"para-attn": thresholds[:1],  # it fails: once is enough
+                  "comfy-easycache+compile": EASYCACHE_THRESHOLDS,
+                  "diffusers-magcache+compile": MAGCACHE_THRESHOLDS,
+                  "diffusers-taylorseer+compile": TAYLORSEER_INTERVALS,
+                  "diffusers-taylorseer-lite+compile": TAYLORSEER_INTERVALS,
+                  "diffusers-seacache+compile": SEACACHE_THRESHOLDS,
+                  "wavespeed-accumulated": ACCUMULATED_THRESHOLDS}
     for family, setup, compiled, note in cached:
-        family_thresholds = {"para-attn": thresholds[:1],  # it fails: once is enough
-                             "comfy-easycache+compile": EASYCACHE_THRESHOLDS}.get(family, thresholds)
+        family_thresholds = own_scales.get(family, thresholds)
         configs += [Config(f"{family} {t:g}", family, setup, t, compiled, note) for t in family_thresholds]
     return [c for c in configs if c.family == "eager" or families is None or c.family in families]
 
@@ -413,6 +581,8 @@ class Measured:
     recompiles: int = 0
     graph_breaks: int = 0
     cold_compile_s: float | None = None
+    skip_cost: float | None = None  # a skipped call's cost over a computed one's (skip_cost)
+    skip_cost_skipped: int = 0  # skipped calls of the image that measured it
     error: str | None = None
 
 
@@ -428,6 +598,7 @@ def measure(workload, config, args, reference=None, expected=None):
     try:
         runner = config.setup(workload.build(), config.threshold, args.steps)
         with torch.no_grad():
+            calibrate(runner, workload, args)
             result.first_image_s = run_image(runner, workload.conditions[0], args)[0]
             for _ in range(args.repeats):
                 result.latents, result.skipped = [], []
@@ -445,6 +616,48 @@ def measure(workload, config, args, reference=None, expected=None):
         result.error = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:400]
     result.recompiles, result.graph_breaks = dynamo_counts()
     return result
+
+
+def calibrate(runner, workload, args):
+    """A runner's one-sample calibration, where it has one, on the workload's first image."""
+    if runner.calibrate is not None:
+        runner.calibrate(lambda: trained.sample(runner.call, workload.conditions[0], args.steps))
+
+
+def skip_cost(workload, config, args):
+    """What one skipped call of `config`'s family costs, in calls of the model compiled by plain
+    Inductor, measured: images of the workload's first condition through plain Inductor, and
+    through the family with its knob at "compute every call" (`NEVER_SKIP`) and at "skip every
+    call it allows" (`ALWAYS_SKIP`), `SKIP_COST_IMAGES` of each, in turn, after one of each that
+    compiles. With T_i, T_c and T_s their median times and s the skipped calls of a skipping
+    image (k = steps - s computed): a skipped call takes (T_s - k T_c / steps) / s, and counts
+    as that over T_i / steps (the sampler's few ops per step are in every term). Returns
+    (cost, s); (None, 0) where nothing was skipped or the family failed. A family that
+    calibrates calibrates each of its runners first."""
+    never, always = FORCED_KNOBS.get(config.family, (NEVER_SKIP, ALWAYS_SKIP))
+    cond = workload.conditions[0]
+    try:
+        reset_dynamo()
+        runners = [inductor(workload.build(), None, args.steps)]
+        runners += [config.setup(workload.build(), knob, args.steps) for knob in (never, always)]
+        times, skipped = ([], [], []), 0
+        with torch.no_grad():
+            for runner in runners:
+                calibrate(runner, workload, args)
+                run_image(runner, cond, args)
+            for _ in range(SKIP_COST_IMAGES):
+                for index, runner in enumerate(runners):
+                    seconds, _, skips = run_image(runner, cond, args)
+                    times[index].append(seconds)
+                    skipped = skips if index == 2 else skipped
+    except Exception as exc:  # noqa: BLE001 -- measure() reports the family's error
+        print(f" (skip cost not measured: {type(exc).__name__}: {exc})", end="")
+        return None, 0
+    if not skipped:
+        return None, 0
+    plain_call, computed_call = (statistics.median(t) / args.steps for t in times[:2])
+    skipped_call = (statistics.median(times[2]) - (args.steps - skipped) * computed_call) / skipped
+    return skipped_call / plain_call, skipped
 
 
 def cold_compile(workload_name, config, args):
@@ -480,6 +693,11 @@ def measure_workload(workload, configs, args):
     configuration (threshold COLD_PROBE_THRESHOLD where it has one) and is then measured warm,
     with the probe's Inductor cache; the cold figure goes on the probed configuration's row."""
     results, probes = [], {}  # family -> (cold seconds, cache dir, probed config name)
+    costs = {}  # family -> skip_cost(...)
+    known_costs = {}  # family -> (cost, skipped) of --skip-costs' run
+    if args.skip_costs is not None:
+        rows = json.loads(args.skip_costs.read_text())["workloads"][workload.name]["rows"]
+        known_costs = {r["family"]: (r["skip_cost"], r["skip_cost_skipped"]) for r in rows if r.get("skip_cost") is not None}
     reference = Runner(workload.build())  # eager, timed between every other configuration's images
     for config in configs:
         paired = (reference, results[0].latents) if results else (None, None)
@@ -489,12 +707,12 @@ def measure_workload(workload, configs, args):
             probes[config.family] = (*cold_compile(workload.name, probed, args), probed.name)
         cold_s, cache, probed_name = probes.get(config.family, (None, None, None))
         print(f"  {workload.name}: {config.name} ...", end="", flush=True)
-        if cache is None:
+        with temporary_cache_dir(cache) if cache is not None else contextlib.nullcontext():
+            if config.threshold is not None and config.family not in costs:
+                costs[config.family] = known_costs.get(config.family) or skip_cost(workload, config, args)
             result = measure(workload, config, args, *paired)
-        else:
-            with temporary_cache_dir(cache):
-                result = measure(workload, config, args, *paired)
         result.cold_compile_s = cold_s if config.name == probed_name else None
+        result.skip_cost, result.skip_cost_skipped = costs.get(config.family, (None, 0))
         print(f" {result.error or f'{statistics.median(result.image_times):.3f} s/image'}", flush=True)
         results.append(result)
     return results
@@ -516,15 +734,28 @@ def row(result, baseline, workload, args):
     max_err, psnr = demo.accuracy(torch.cat(result.latents), reference)
     skipped = [s for s in result.skipped if s is not None]
     warm = result.first_image_s - median_s if config.compiled else None
+    skipped_mean = statistics.mean(skipped) if skipped else None
     out.update(
         s_per_image=median_s, eager_s_per_image=eager_s, speedup_vs_eager=eager_s / median_s,
-        skipped_per_image=statistics.mean(skipped) if skipped else None, steps=args.steps,
+        skipped_per_image=skipped_mean, steps=args.steps,
+        skip_cost=result.skip_cost, skip_cost_skipped=result.skip_cost_skipped,
+        speedup_in_calls=speedup_in_calls(args.steps, skipped_mean, result.skip_cost),
         compile_cold_s=result.cold_compile_s, compile_warm_s=warm,
         recompiles=result.recompiles, graph_breaks=result.graph_breaks,
         psnr_db=None if math.isinf(psnr) else psnr, max_abs_err=max_err,
         accuracy=classifier_accuracy(workload, result.latents),
     )
     return out
+
+
+def speedup_in_calls(steps, skipped, cost):
+    """steps / the calls' cost in computed calls: a computed call costs 1, a skipped one its
+    family's measured `skip_cost` (clamped to 0..1; 1, no saving, where it was not measured);
+    1.0 without a cache. Unlike wall time on a shared machine, it does not drift with other
+    processes, and a family's slower or faster computed calls do not count."""
+    if not skipped:
+        return 1.0
+    return steps / (steps - skipped + skipped * (1.0 if cost is None else min(max(cost, 0.0), 1.0)))
 
 
 def classifier_accuracy(workload, latents):
@@ -541,21 +772,22 @@ def fmt(value, spec, empty="-"):
 
 def markdown_table(rows, steps):
     lines = [
-        "| config | s/image | speed-up | skipped | compile cold / warm (s) | recompiles | graph breaks "
-        "| PSNR (dB) | max err | accuracy |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| config | s/image | speed-up | skipped | skip cost | speed-up in calls | compile cold / warm (s) "
+        "| recompiles | graph breaks | PSNR (dB) | max err | accuracy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     failures = []
     for r in rows:
         if r["error"]:
             failures.append(f"- `{r['config']}` ({r['note'] or r['family']}): `{r['error']}`")
-            lines.append(f"| {r['config']} | failed (see below) | | | | | | | | |")
+            lines.append(f"| {r['config']} | failed (see below) | | | | | | | | | | |")
             continue
         skipped = "-" if r["skipped_per_image"] is None else f"{r['skipped_per_image']:.1f}/{steps}"
         compile_s = ("-" if not r["compiled"] else
                      f"{fmt(r['compile_cold_s'], '.1f')} / {fmt(r['compile_warm_s'], '.1f')}")
         lines.append(
-            f"| {r['config']} | {r['s_per_image']:.3f} | {r['speedup_vs_eager']:.2f}x | {skipped} | {compile_s} "
+            f"| {r['config']} | {r['s_per_image']:.3f} | {r['speedup_vs_eager']:.2f}x | {skipped} "
+            f"| {fmt(r.get('skip_cost'), '.2f')} | {r.get('speedup_in_calls', 1.0):.2f}x | {compile_s} "
             f"| {r['recompiles']} | {r['graph_breaks']} | {fmt(r['psnr_db'], '.1f', 'exact')} "
             f"| {r['max_abs_err']:.2e} | {fmt(r['accuracy'], '.0%')} |")
     return "\n".join(lines + ([""] + failures if failures else []))

@@ -19,6 +19,11 @@ call, m calls between the last two computed ones), where two computed calls exis
 `policy="predictive"`: the same residuals as taylor, and the decision compares the first-block
 residual with the first-block residual extrapolated the same way (where two computed calls
 exist), instead of with the last computed one.
+
+`policy="accumulated"`: predictive's residuals and comparison; a call is skipped only while
+the changes compared at every call skipped since the last computed call, and at this one,
+add up to less than the threshold. (Written from that sentence: the reference keeps the
+changes of the current run of skipped calls in a list and sums it.)
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class ReferenceFBCache:
         self.calls = 0
         self.hits_in_row = 0
         self.decisions: list[bool] = []
+        self.skipped_changes: list[float] = []  # the changes compared at the calls skipped since the last computed one
 
     def _skip(self, signal: torch.Tensor) -> bool:
         self.calls += 1
@@ -56,10 +62,15 @@ class ReferenceFBCache:
         ):
             return False
         expected = self.signal
-        if self.policy == "predictive" and len(self.history) == 2:
+        if self.policy in ("predictive", "accumulated") and len(self.history) == 2:
             expected = self._extrapolate(self.history[0][2], self.history[1][2])
-        change = (signal - expected).abs().mean() / expected.abs().mean()
-        return bool(change < self.threshold)
+        change = ((signal - expected).abs().mean() / expected.abs().mean()).item()
+        if self.policy != "accumulated":
+            return change < self.threshold
+        if sum(self.skipped_changes) + change < self.threshold:
+            self.skipped_changes.append(change)
+            return True
+        return False
 
     def _extrapolate(self, older: torch.Tensor, newer: torch.Tensor) -> torch.Tensor:
         """`newer` (last computed call) carried on to this call along its change since `older`."""
@@ -67,7 +78,7 @@ class ReferenceFBCache:
         return newer + (newer - older) * ((self.calls - last) / (last - before))
 
     def _residuals(self) -> dict:
-        if self.policy not in ("taylor", "predictive") or len(self.history) < 2:
+        if self.policy not in ("taylor", "predictive", "accumulated") or len(self.history) < 2:
             return self.residuals
         older, newer = self.history[0][1], self.history[1][1]
         return {name: self._extrapolate(older[name], newer[name]) for name in newer}
@@ -93,6 +104,7 @@ class ReferenceFBCache:
         self.history = (self.history + [(self.calls, self.residuals, signal)])[-2:]
         self.signal = signal
         self.hits_in_row = 0
+        self.skipped_changes = []
 
     def __call__(self, head, rest, tail, *inputs):
         block_input, first, aux = head(*inputs)

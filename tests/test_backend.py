@@ -84,13 +84,15 @@ def test_sampling_matches_reference(name, compiler, request, no_fallback):
     assert 0 < sum(cache.decisions) < STEPS, "the test needs both skipped and computed steps"
 
 
-@pytest.mark.parametrize("policy", ["taylor", "predictive"])
+@pytest.mark.parametrize("policy", ["taylor", "predictive", "accumulated"])
 @pytest.mark.parametrize("name", ["flux", "sd3"])
 def test_extrapolating_policies_match_their_reference(name, policy, request, no_fallback):
     """The policies are run-time settings. taylor: the same decisions as First Block Cache; a
     skipped step adds the residual extrapolated from the last two computed steps, as the
     reference computes it, which is not the First Block Cache result. predictive: those
-    residuals, and decisions against the extrapolated first-block residual (other decisions)."""
+    residuals, and decisions against the extrapolated first-block residual (other decisions).
+    accumulated: predictive's, with the changes summed over a run of skipped steps (on flux,
+    a run that predictive continues ends sooner)."""
     case = request.getfixturevalue(name)
     model = compiled(case.model, residual_diff_threshold=case.mixed_threshold, compiler="eager")
     reference = ReferenceFBCache(case.mixed_threshold, policy=policy)
@@ -101,6 +103,10 @@ def test_extrapolating_policies_match_their_reference(name, policy, request, no_
     assert any(plain.decisions) and (any(reference.decisions) or name == "sd3")  # sd3: predictive never skips
     assert (plain.decisions == reference.decisions) == (policy == "taylor")
     assert not torch.allclose(latent, run_reference(case, ReferenceFBCache(case.mixed_threshold, policy=policy))[0])
+    if policy == "accumulated" and name == "flux":
+        predictive = ReferenceFBCache(case.mixed_threshold, policy="predictive")
+        run_reference(case, predictive)
+        assert sum(reference.decisions) < sum(predictive.decisions)
 
 
 def test_controlnet_residuals_between_blocks(flux, no_fallback):

@@ -103,6 +103,18 @@ def test_a_reused_model_output_caches_again_with_the_same_result(tiny):
     torch.testing.assert_close(second, first, atol=0, rtol=0)
 
 
+def test_a_schedule_too_short_for_a_skip_is_said_once(tiny, recwarn):
+    """A 4-step run with the cache node: one warning naming the fix, once; none for the same
+    run without a threshold, nor for 8 steps."""
+    sampling = tiny.patcher.get_model_object("model_sampling")
+    four = comfy.samplers.calculate_sigmas(sampling, "simple", 4)
+    for model, sigmas in ((fbcache(tiny.patcher), None), (fbcache(tiny.patcher, threshold=0.0), four),
+                          (fbcache(tiny.patcher), four), (fbcache(tiny.patcher), four)):
+        sample(tiny, model, sigmas=sigmas)
+    said = [str(w.message) for w in recwarn if issubclass(w.category, wavepass.WavespeedWarning)]
+    assert len(said) == 1 and said[0].startswith("wavespeed: a 4-step schedule is too short"), said
+
+
 def test_rising_sigma_starts_a_new_generation(tiny):
     falling = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.0])
     rising = torch.tensor([1.0, 0.9, 0.8, 0.95, 0.85, 0.75, 0.0])  # a second pass from 0.95

@@ -263,7 +263,7 @@ def test_window_with_a_scheduler_without_step_index(no_fallback):
 def test_policy_is_a_run_time_setting(no_fallback):
     """apply_wavespeed(policy="taylor"): the same decisions as First Block Cache, another
     result on skipped steps (the residual extrapolated); configure() switches it back and
-    forth, and to predictive (other decisions), without compiling."""
+    forth, and to predictive (other decisions) and accumulated, without compiling."""
     pipe, kwargs = flux_pipe()
     handle = apply_wavespeed(pipe, residual_diff_threshold=MIXED["flux"], compile=False, policy="taylor")
     taylor, taylor_decisions = run(pipe, kwargs, steps=10), decisions(pipe)
@@ -277,9 +277,25 @@ def test_policy_is_a_run_time_setting(no_fallback):
     handle.configure(policy="predictive")
     run(pipe, kwargs, steps=10)
     assert decisions(pipe) != plain_decisions
+    handle.configure(policy="accumulated")
+    run(pipe, kwargs, steps=10)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     with pytest.raises(ValueError, match="policy must be one of"):
         handle.configure(policy="magic")
+
+
+def test_a_schedule_too_short_for_a_skip_is_said_once(no_fallback):
+    """A 4-step schedule (a distilled model's) with the cache on: one warning naming the fix,
+    at the first pipeline call only; none at threshold 0 (nothing to skip) or at 6 steps."""
+    pipe, kwargs = flux_pipe()
+    handle = apply_wavespeed(pipe, residual_diff_threshold=MIXED["flux"], compile=False)
+    run(pipe, kwargs, steps=6)
+    with pytest.warns(wavepass.WavespeedWarning, match=r"a 4-step schedule is too short .* remove the cache"):
+        run(pipe, kwargs, steps=4)
+    run(pipe, kwargs, steps=4)  # said once (no_fallback turns a second one into an error)
+    handle.configure(residual_diff_threshold=0.0)
+    wavepass.notices._warned.clear()
+    run(pipe, kwargs, steps=4)
 
 
 def wan22_pipe():

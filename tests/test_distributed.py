@@ -44,6 +44,7 @@ PIPE_STEPS = 6
 FLUX_PIPE_THRESHOLD = 0.3  # some but not all of 6 steps skip (see test_diffusers_integration.MIXED)
 # forced disagreement: the first half of the tokens stays, the second moves by these amounts
 DISAGREEMENT_THRESHOLD = 0.2
+ACCUMULATED_THRESHOLD = 0.5  # policy="accumulated" skips runs of 2 calls of AMPLITUDES here
 AMPLITUDES = (0.0, 1.0, 0.15, 0.3, 1.0, 0.2, 0.05, 0.6, 0.1)
 FAULT_TIMEOUT_S = 3  # the process group timeout of the failure test, once compiled
 FAILING_STEP = 3
@@ -181,17 +182,18 @@ def break_every_block(model: torch.nn.Module) -> None:
         block.attn.register_forward_pre_hook(lambda module, args: torch._dynamo.graph_break())
 
 
-def run_disagreement(parallel: bool, split: bool = False) -> dict:
+def run_disagreement(parallel: bool, split: bool = False, policy: str = "fbcache",
+                     threshold: float = DISAGREEMENT_THRESHOLD) -> dict:
     """Flux called with the first half of its image tokens fixed and the second half moved by
     AMPLITUDES: under Ulysses, rank 0 holds the still half and rank 1 the moving one.
-    `split`: with a graph break in every block."""
+    `split`: with a graph break in every block; `policy`, `threshold`: the cache's."""
     case = models.flux()
     if split:
         break_every_block(case.model)
     if parallel:
         enable_ulysses(case.model)
     compiled = torch.compile(case.model, backend="wavespeed",
-                             options={"compiler": "eager", "residual_diff_threshold": DISAGREEMENT_THRESHOLD})
+                             options={"compiler": "eager", "residual_diff_threshold": threshold, "policy": policy})
     base = case.inputs["hidden_states"]
     half = base.shape[1] // 2
     g = torch.Generator().manual_seed(5)
@@ -276,6 +278,8 @@ SCENARIOS = {
     "wan": lambda rank: run_wan(parallel=True),
     "disagreement": lambda rank: run_disagreement(parallel=True),
     "disagreement_split": lambda rank: run_disagreement(parallel=True, split=True),
+    "disagreement_accumulated": lambda rank: run_disagreement(
+        parallel=True, policy="accumulated", threshold=ACCUMULATED_THRESHOLD),
     "reducer": scenario_reducer,
     "failure": scenario_failure,
 }
@@ -396,7 +400,9 @@ def single_process(name: str) -> dict:
         result = {"flux_pipeline": lambda: run_flux_pipeline(parallel=False),
                   "wan": lambda: run_wan(parallel=False),
                   "disagreement": lambda: run_disagreement(parallel=False),
-                  "disagreement_split": lambda: run_disagreement(parallel=False, split=True)}[name]()
+                  "disagreement_split": lambda: run_disagreement(parallel=False, split=True),
+                  "disagreement_accumulated": lambda: run_disagreement(
+                      parallel=False, policy="accumulated", threshold=ACCUMULATED_THRESHOLD)}[name]()
     return _plain(result)
 
 
@@ -480,6 +486,20 @@ def test_split_stack_shards_that_would_disagree_make_one_decision(workers):
         # (diffusers' context-parallel hook around the forward is a frame of its own here: its
         # graph holds no blocks and says so, as any graph outside the stack does)
         assert not [w for w in result["warnings"] if "no stack of repeated blocks" not in w], result["warnings"]
+        np.testing.assert_allclose(result["outputs"], single["outputs"], rtol=1e-4, atol=1e-5)
+
+
+def test_accumulated_sums_the_changes_every_rank_reduced(workers):
+    """policy="accumulated" adds no decision input: it sums the changes the ranks reduced, so
+    shards that would disagree alone still decide alike, call by call, as one process does."""
+    pair = workers()
+    single = single_process("disagreement_accumulated")
+    ranks = pair.run("disagreement_accumulated")
+    calls, hits, decisions, reason = single["stats"]
+    assert reason is None and 0 < hits < calls and "XX" in decisions, single["stats"]  # a run the sum bounds
+    for result in ranks:
+        assert result["stats"] == single["stats"], (result["stats"], single["stats"])
+        assert not result["warnings"], result["warnings"]
         np.testing.assert_allclose(result["outputs"], single["outputs"], rtol=1e-4, atol=1e-5)
 
 

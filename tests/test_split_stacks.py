@@ -348,7 +348,7 @@ def test_diffusers_hidream_takes_the_split_path():
         assert program.blocks == tuple(f"single_stream_blocks.{i}" for i in range(3))
 
 
-@pytest.mark.parametrize("policy", ["taylor", "predictive"])
+@pytest.mark.parametrize("policy", ["taylor", "predictive", "accumulated"])
 @pytest.mark.parametrize("threshold", [0.1, 0.3])
 def test_extrapolating_policies_match_their_reference_on_the_split_path(threshold, policy):
     torch.manual_seed(4)
@@ -360,6 +360,37 @@ def test_extrapolating_policies_match_their_reference_on_the_split_path(threshol
         reference = ReferenceFBCache(threshold, main="x", policy=policy)
         decisions = _run_against_reference(model, compiled, threshold, steps, reference)
     assert any(decisions)
+
+
+@settings(max_examples=16, **SLOW_EXAMPLES)
+@given(
+    policy=st.sampled_from(wavepass.POLICIES),
+    breaks=st.sampled_from([(), (1,)]),
+    threshold=st.sampled_from([0.05, 0.1, 0.3, 1.0]),
+    size=st.sampled_from([0.005, 0.02, 0.1]),
+    count=st.integers(3, 12),
+    seed=st.integers(0, 2**16),
+)
+def test_every_policy_matches_the_reference_on_both_paths_and_compiles_nothing(policy, breaks, threshold, size,
+                                                                                count, seed):
+    """Each policy, a run-time setting, decision for decision and output for output against
+    the reference, on the one-graph path (no break) and the split path (a break in every
+    block); choosing it after the model compiled compiles nothing more."""
+    torch._dynamo.reset()
+    notices._warned.clear()
+    torch.manual_seed(seed)
+    model = BreakingStack([breaks] * 4)
+    compiled = torch.compile(model, backend="wavespeed", options={"compiler": "eager"})
+    steps = list(_steps(count, size, seed))
+    with torch.no_grad():
+        compiled(*steps[0])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        with wavepass.cache_settings(policy=policy):
+            _run_against_reference(model, compiled, threshold, steps,
+                                   ReferenceFBCache(threshold, main="x", policy=policy))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    (program,) = wavepass.runtime.programs_of(model)
+    assert type(program).__name__ == ("StackCache" if breaks else "CachedProgram")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,12 +21,13 @@ above works without `import wavepass`. This module adds the runtime API:
                                      failed, counted and said
     wavepass.reset_process_state()   forget everything wavepass keeps for the process
                                      (`process_state.py`), as a new process would start
+    wavepass.warn_if_too_few_steps(n)  an integration's run of n steps: said once where no skip pays
 """
 
 from __future__ import annotations
 
 from .backend import wavespeed
-from .notices import WavespeedWarning, compile_failure
+from .notices import WavespeedWarning, compile_failure, warn_if_too_few_steps
 from .options import POLICIES, CacheOptions, CacheSettings
 from .process_state import reset_process_state
 from .runtime import (Stats, cache_context, cache_settings, call_or_fall_back, current_context, reset, same_step,
@@ -36,8 +37,7 @@ from .torch_api import register_backend
 __all__ = [
     "POLICIES", "CacheOptions", "CacheSettings", "Stats", "WavespeedWarning", "cache_context", "cache_settings",
     "call_or_fall_back", "compile_failure", "current_context", "reset", "reset_process_state", "same_step", "skipping",
-    "stats", "watch",
-    "wavespeed",
+    "stats", "warn_if_too_few_steps", "watch", "wavespeed",
 ]
 __version__ = "0.1.0"
 

@@ -30,6 +30,28 @@ def warn_once(message: str, stacklevel: int = 3) -> None:
         warnings.warn(message, WavespeedWarning, stacklevel=stacklevel)
 
 
+# A sampling schedule of fewer model steps than this is too short for any skip to pay: on the
+# benchmarks' trained FLUX models no policy skips a step of a 4-step schedule below threshold
+# 0.3, and the one skip it takes at 0.5 leaves the image at 28 dB PSNR; at 8 steps `predictive`
+# skips 1-2 steps at 38-48 dB (docs/performance.md#few-step-schedules).
+FEW_STEPS = 5
+
+
+def warn_if_too_few_steps(steps: int, stacklevel: int = 3) -> bool:
+    """Say once (per step count) that a sampling schedule of `steps` model steps is too short
+    for the cache to pay, and what to do; True where it is. The integrations call it at the
+    start of a run that may skip (ComfyUI's node, `apply_wavespeed`)."""
+    if steps >= FEW_STEPS:
+        return False
+    warn_once(f"wavespeed: a {steps}-step schedule is too short for First Block Cache to pay: "
+              f"below {FEW_STEPS} steps each step moves the image too far for a skipped one to "
+              "reuse the last (no step skipped at threshold <= 0.3 on the benchmarks' 4-step runs, "
+              "and a skip at 0.5 cost them 28 dB PSNR), so the cache only adds the cost of its "
+              "decision. Keep compiling but remove the cache (threshold 0), or sample with more "
+              "steps (docs/performance.md#few-step-schedules)", stacklevel=stacklevel + 1)
+    return True
+
+
 # Where a compiler failure is raised from: Dynamo, AOTAutograd, Inductor, FX (which re-raises
 # the errors of the graphs it generated) and wavepass itself (its passes raise at compile time,
 # inside Dynamo's BackendCompilerFailed; its runtime raises "wavespeed: ..." errors while a

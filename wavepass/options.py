@@ -18,8 +18,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 COMPILERS = ("inductor", "eager")
-POLICIES = ("fbcache", "taylor", "predictive")
-EXTRAPOLATING = ("taylor", "predictive")  # the policies whose skipped calls extrapolate
+POLICIES = ("fbcache", "taylor", "predictive", "accumulated")
+EXTRAPOLATING = ("taylor", "predictive", "accumulated")  # the policies whose skipped calls extrapolate
+PREDICTING = ("predictive", "accumulated")  # the policies that compare with the extrapolated signal
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -46,7 +47,14 @@ class CacheSettings:
             computed calls predict, which is when the extrapolated residuals are right. One
             more first-block residual in memory and one multiply-add per call. Its thresholds
             sit lower than fbcache's for the same quality (docs/performance.md).
-        Both extrapolating policies fall back to fbcache's rule until two calls were computed.
+        "accumulated": predictive's residuals and comparison, and the decision bounds the error
+            accumulated since the last computed call (as MagCache and EasyCache do with their
+            own estimates): a call is skipped while the sum of the changes predictive compares,
+            over the calls skipped since the last computed one and this call, stays below the
+            threshold. Long runs of skipped calls, each a little off, end sooner; its
+            thresholds sit higher than predictive's for the same quality (docs/performance.md).
+            No more memory than predictive; one float per cache context.
+        The extrapolating policies fall back to fbcache's rule until two calls were computed.
     """
 
     residual_diff_threshold: float = 0.12

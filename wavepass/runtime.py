@@ -58,7 +58,7 @@ import torch
 
 from . import process_state
 from .notices import compile_failure, warn_once
-from .options import EXTRAPOLATING, CacheSettings
+from .options import EXTRAPOLATING, PREDICTING, CacheSettings
 
 DEFAULT_CONTEXT = "default"
 _DECISIONS_KEPT = 10_000
@@ -220,16 +220,18 @@ class State:
     computed_at: int = 0  # `calls` at the last computed call
     # (extrapolating policies) the signal and residuals of the computed call before it, and its `calls`
     previous: tuple[torch.Tensor, tuple[torch.Tensor, ...], int] | None = None
+    # ("accumulated") the sum of the changes compared at the calls skipped since the last computed one
+    accumulated: float = 0.0
 
     def clear(self) -> None:
         self.signal, self.residuals, self.strides, self.calls, self.hits_in_row = None, (), (), 0, 0
-        self.computed_at, self.previous = 0, None
+        self.computed_at, self.previous, self.accumulated = 0, None, 0.0
 
     def keep(self, signal: torch.Tensor, residuals: tuple[torch.Tensor, ...], settings: CacheSettings) -> None:
         """What a computed call leaves for the skipped calls after it."""
         extrapolates = settings.policy in EXTRAPOLATING and len(self.residuals) == len(residuals)
         self.previous = (self.signal, self.residuals, self.computed_at) if extrapolates else None
-        self.signal, self.residuals, self.computed_at = signal, residuals, self.calls
+        self.signal, self.residuals, self.computed_at, self.accumulated = signal, residuals, self.calls, 0.0
 
     def _extrapolated(self, now: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         """`now` (kept at the last computed call) carried to this call along its change since
@@ -239,7 +241,7 @@ class State:
 
     def signal_now(self, settings: CacheSettings) -> torch.Tensor:
         """What this call's first-block residual is compared with, by `settings.policy`."""
-        if settings.policy != "predictive" or self.previous is None:
+        if settings.policy not in PREDICTING or self.previous is None:
             return self.signal
         return self._extrapolated(self.signal, self.previous[0])
 
@@ -428,7 +430,8 @@ class DecidingProgram(Program):
         return skip
 
     def _decide_alone(self, state: State, signal: torch.Tensor, opts: CacheSettings) -> bool:
-        """First Block Cache: skip when the first-block residual barely moved."""
+        """First Block Cache: skip when the first-block residual barely moved ("accumulated":
+        when its changes, summed since the last computed call, stay small)."""
         if (
             not opts.may_skip
             or not _skipping_allowed.get()
@@ -436,11 +439,16 @@ class DecidingProgram(Program):
             or state.calls <= opts.warmup_steps
             or 0 < opts.max_consecutive_cache_hits <= state.hits_in_row
         ):
-            state.hits_in_row = 0
+            state.hits_in_row, state.accumulated = 0, 0.0
             return False
-        skip = relative_l1(signal, state.signal_now(opts), self._reduce) < opts.residual_diff_threshold
+        change = relative_l1(signal, state.signal_now(opts), self._reduce)
+        if opts.policy == "accumulated":
+            change += state.accumulated
+        skip = change < opts.residual_diff_threshold
         state.hits_in_row = state.hits_in_row + 1 if skip else 0
+        state.accumulated = change if skip else 0.0
         return skip
+
 
 class CachedProgram(DecidingProgram):
     """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""

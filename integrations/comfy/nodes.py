@@ -96,7 +96,9 @@ class ApplyFirstBlockCache(io.ComfyNode):
                             "memory), same skipped steps. predictive: taylor's residual, and a "
                             "step is skipped while the first block's residual stays within the "
                             "threshold of its own extrapolation (more skips at equal quality on "
-                            "trained models; use a lower threshold). Changing it recompiles nothing.",
+                            "trained models; use a lower threshold). accumulated: predictive, and a "
+                            "run of skipped steps ends once their summed changes reach the threshold "
+                            "(use a higher threshold). Changing it recompiles nothing.",
                 ),
             ],
         )

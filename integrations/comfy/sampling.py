@@ -5,7 +5,8 @@ diffusion model with the `wavespeed` backend and drive its cache through a sampl
 
     OUTER_SAMPLE wrapper (once per sampling run, i.e. per KSampler execution)
         reset the cache (a re-run of a cached MODEL output starts clean), map start/end to
-        sigmas through the model's `model_sampling.percent_to_sigma`; at the end log
+        sigmas through the model's `model_sampling.percent_to_sigma`, say once where the
+        schedule is too short for a skip to pay (`wavepass.warn_if_too_few_steps`); at the end log
         "wavespeed: skipped H of N model calls"; on an exception reset again
     APPLY_MODEL wrapper (every model call)
         a rising sigma within a run resets the cache (a new generation); the call runs with
@@ -180,6 +181,9 @@ def _object_to_patch(settings) -> str:
 
 def _outer_sample_wrapper(settings):
     def outer_sample(executor, *args, **kwargs):
+        sigmas = args[3] if len(args) > 3 else kwargs.get("sigmas")
+        if sigmas is not None and wavepass.CacheSettings(**cache_settings(settings)).may_skip:
+            wavepass.warn_if_too_few_steps(len(sigmas) - 1)  # the last sigma ends the run
         with sampling_run(executor.class_obj.model_patcher, settings):
             return executor(*args, **kwargs)
 

@@ -21,7 +21,9 @@ How it works (each point is a decision; the code below implements it):
 - A new pipeline call starts a new generation (`wavepass.reset` of every denoiser): the wrapper sees
   that `pipe.scheduler.timesteps` is another tensor object than at its last call (every
   pipeline calls `scheduler.set_timesteps`, which makes a new one). The scheduler is read at
-  every call, so replacing `pipe.scheduler` works.
+  every call, so replacing `pipe.scheduler` works. A schedule too short for any skip to pay
+  (under `wavepass.notices.FEW_STEPS` entries, e.g. a 4-step distilled model) is said once
+  (`wavepass.warn_if_too_few_steps`).
 - The start/end window: a call at step i of N runs under `wavepass.skipping(start <= i/N < end)`,
   i being `scheduler.step_index` (None before the first `scheduler.step` means the scheduler's
   `begin_index`, else 0) and N `len(scheduler.timesteps)`. Both count in scheduler entries, so
@@ -169,6 +171,8 @@ class WavespeedHandle:
             self._calls.clear()
             for each in self._denoisers:
                 wavepass.reset(each.module)
+            if wavepass.CacheSettings(**self.settings).may_skip:
+                wavepass.warn_if_too_few_steps(len(timesteps))
         if hasattr(scheduler, "step_index"):
             index = scheduler.step_index
             if index is None:
@@ -206,7 +210,11 @@ def apply_wavespeed(pipe: Any, residual_diff_threshold: float = 0.12, start: flo
     residual_diff_threshold, max_consecutive_cache_hits, policy: the cache settings (see
         README), run-time values: `handle.configure(...)` changes them without compiling.
     start, end: caching is allowed for steps i of N with start <= i/N < end (0 <= start < end <= 1);
-        the other steps run every block.
+        the other steps run every block. The defaults (the whole schedule) suit short schedules
+        too: the rule never skips a generation's first step, a few-step schedule moves too far
+        per step for it to skip at usual thresholds, and a window that is a fraction of the
+        schedule would only shrink with it (docs/performance.md#few-step-schedules). A schedule
+        under `wavepass.notices.FEW_STEPS` steps is said once to be too short for the cache.
     compile: True compiles every piece with Inductor; False runs the same cached program
         without compiling (`compiler="eager"`: caching only, fast to start).
     mode, dynamic: how Inductor compiles (mode goes to Inductor through the backend's options).
