@@ -217,19 +217,26 @@ def diffusers_fbc(compiled):
         hook = model.transformer_blocks[0]._diffusers_hook.get_hook("fbc_leader_block_hook")
         decisions = []
         hook._should_compute_remaining_blocks = _recording(hook._should_compute_remaining_blocks, decisions)
-        fn = torch.compile(model) if compiled else model
-
-        def call(**kwargs):
-            with model.cache_context("cond"):
-                return fn(**kwargs)
-
-        def reset():
-            model._reset_stateful_cache()
-            decisions.clear()
-
-        return Runner(call, reset, lambda: decisions.count(False))
+        return _hooked_runner(model, compiled, decisions)
 
     return setup
+
+
+def _hooked_runner(model, compiled, decisions):
+    """The runner of a model carrying a diffusers cache hook whose decisions (True: computed)
+    are recorded in `decisions`: called as FluxPipeline calls it (inside
+    `cache_context("cond")`), compiled where `compiled`, reset through diffusers."""
+    fn = torch.compile(model) if compiled else model
+
+    def call(**kwargs):
+        with model.cache_context("cond"):
+            return fn(**kwargs)
+
+    def reset():
+        model._reset_stateful_cache()
+        decisions.clear()
+
+    return Runner(call, reset, lambda: decisions.count(False))
 
 
 def cache_dit(compiled, taylorseer=False, front=1, back=0):
@@ -323,17 +330,7 @@ def diffusers_taylorseer(compiled, lite=False):
             return should_compute, state
 
         hook._measure_should_compute = recorded
-        fn = torch.compile(model) if compiled else model
-
-        def call(**kwargs):
-            with model.cache_context("cond"):
-                return fn(**kwargs)
-
-        def reset():
-            model._reset_stateful_cache()
-            decisions.clear()
-
-        return Runner(call, reset, lambda: decisions.count(False))
+        return _hooked_runner(model, compiled, decisions)
 
     return setup
 
