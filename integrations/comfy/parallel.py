@@ -189,6 +189,10 @@ def check_model(model: torch.nn.Module, world: int) -> FamilyShards:
 # Shards, gathers and Ulysses attention (run by every rank, traced by Dynamo)
 # ---------------------------------------------------------------------------------------------
 
+MASK_REFUSAL = ("Parallel Model: an attention mask cannot be split over devices. Fix: sample "
+                "without the mask (or on one device).")
+
+
 class Sharding:
     """This rank's part of a sequence split over the default process group."""
 
@@ -264,8 +268,7 @@ class Sharding:
         if k.shape[token_axis] != q.shape[token_axis]:
             return attention(q, k, v, heads, *args, **kwargs)
         if kwargs.get("mask") is not None or (args and args[0] is not None):
-            raise ParallelRefusal("Parallel Model: an attention mask cannot be split over devices. "
-                                  "Fix: sample without the mask (or on one device).")
+            raise ParallelRefusal(MASK_REFUSAL)
         if not skip_reshape:  # [B, S, H*d] -> [B, H, S, d]
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         q, k, v = (self._tokens_to_heads(t) for t in (q, k, v))
@@ -292,8 +295,7 @@ def _block_patch(stack: StackShards, first: bool, last: bool, sharding: Sharding
     def patch(args: dict, extra: dict) -> dict:
         args = dict(args)
         if args.get("attn_mask") is not None:
-            raise ParallelRefusal("Parallel Model: an attention mask cannot be split over devices. "
-                                  "Fix: sample without the mask (or on one device).")
+            raise ParallelRefusal(MASK_REFUSAL)
         vec = args.get("vec")
         if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] != 1:
             raise ParallelRefusal("Parallel Model: per-token modulation (e.g. Wan 2.2 5B) is not "
@@ -657,17 +659,19 @@ def _stats_tuple(stats) -> tuple:
     return (stats.calls, stats.hits, tuple(stats.decisions), stats.reason)
 
 
-def _to_device(device: torch.device):
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, dict):
-            return {k: move(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(move(v) for v in value)
-        return value
+def _map_tensors(function: Callable[[torch.Tensor], torch.Tensor], value):
+    """`value` (tensors in nested dicts, lists and tuples) with `function` of every tensor."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(function, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(function, v) for v in value)
+    return value
 
-    return move
+
+def _to_device(device: torch.device):
+    return lambda value: _map_tensors(lambda tensor: tensor.to(device), value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,13 +718,8 @@ def _copies(value):
     happen to a tensor the model is computing with. CUDA tensors travel as CUDA IPC handles,
     unmoved and uncopied: a worker copies them to its device before its first collective, which
     rank 0 waits for."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone() if value.device.type == "cpu" else value.detach()
-    if isinstance(value, dict):
-        return {k: _copies(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_copies(v) for v in value)
-    return value
+    return _map_tensors(lambda tensor: tensor.detach().clone() if tensor.device.type == "cpu" else tensor.detach(),
+                        value)
 
 
 def spec_of(settings: dict) -> PoolSpec:
