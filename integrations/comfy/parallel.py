@@ -10,22 +10,23 @@ conditioning, the plain part of `transformer_options`) to every worker, and ever
 the same apply-model wrappers (the wavespeed ones included, from the same settings) on its
 own copy of the model. Inside the model, every rank holds a shard of the token sequence:
 
-    Flux's forward                              what the patches here do (every rank r)
+    Flux's forward (ComfyUI)                    what the patch here does (every rank r)
     ------------------------------------        ---------------------------------------------
     img, txt = img_in(x), txt_in(context)
     pe = pe_embedder(cat(txt_ids, img_ids))
-    double_blocks[0](img, txt, pe)              before: img, txt -> chunk r of each;
-                                                        pe -> [pe_txt chunk r, pe_img chunk r]
-    double_blocks[i](img, txt, pe)              before: pe -> the same rows
+    double_blocks[0](img, txt, pe)              before: img, txt -> chunk r of each
+    double_blocks[i](img, txt, pe)              before: pe -> [pe_txt chunk r, pe_img chunk r]
       attention(q, k, v)                          Ulysses: all-to-all tokens <-> heads
-    single_blocks[i](cat(txt, img), pe)         before: pe -> the same rows (the model joins
-                                                        this rank's chunks itself)
-    single_blocks[-1]                           after: the image part gathered (all-gather)
-    img[:, len(txt):], final_layer, unpatchify  (every rank holds the whole output)
+    double_blocks[-1]                           after: img, txt made whole (all-gather)
+    img = cat(txt, img); img_slice = [T, T+L]
+    single_blocks[0](img, pe)                   before: img -> [its text chunk r, image chunk r]
+    single_blocks[i](img, pe)                   before: pe -> the same rows
+    single_blocks[-1]                           after: img made whole, part by part
+    img[:, T:], final_layer, unpatchify         (every rank holds the whole output)
 
-The shards are cut and joined in ComfyUI's own block-replace patches
-(`transformer_options["patches_replace"]["dit"][(kind, i)]`), which run in the model's own
-forward around each block and name the blocks' streams by role ("img", "txt", "pe", "vec"),
+The shards are cut and joined in ComfyUI's own block-replace patch
+(`transformer_options["patches_replace"]["dit"][(kind, i)]`), which runs in the model's own
+forward around each block and names the blocks' streams by role ("img", "txt", "pe", "vec"),
 so the cut lies outside the blocks: the first block sees a shard, as every other block does,
 and First Block Cache measures its change on the shard. Attention is Ulysses over torch's own
 collectives (`all_to_all_single`), through ComfyUI's attention hook
@@ -33,10 +34,14 @@ collectives (`all_to_all_single`), through ComfyUI's attention hook
 collectives as `_c10d_functional` ops, from which `wavepass.distributed` learns the group
 and sums every decision over the ranks, so every rank decides as one process would.
 
-Which streams a stack's blocks join, and in which order their rope table lists them, is read
-from ComfyUI's code for each family (`FAMILIES`); a model of another family is refused before
-sampling. Token counts that do not divide by N, attention masks, per-token modulation and
-heads that do not divide by N are refused with the reason and the fix.
+There is no table of model classes: one rule (`stack_streams`) reads what ComfyUI's DiT
+forwards publish around every block: the streams by role, which block of how many runs
+(`block_index`, `total_blocks`: each stack is cut before its first block and made whole after
+its last), where a joined sequence's image begins (`img_slice`), and whether the text is joined
+to the image (the rope table lists its tokens) or attended across (it does not). A model whose
+forward does not publish these is refused before sampling (`check_model`); token counts that
+do not divide by N, attention masks, per-token modulation and heads that do not divide by N
+are refused with the reason and the fix.
 """
 
 from __future__ import annotations
@@ -82,107 +87,127 @@ class ParallelWorkerError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Which streams each family's blocks pass on (read from ComfyUI's forward code)
+# Which streams to cut: read from what ComfyUI's DiT forwards publish around each block
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class StackShards:
-    """One block stack as ComfyUI's replace patches present it (`args` of a block's patch).
+# The names a DiT forward that follows ComfyUI's block convention holds as constants: it runs
+# its blocks through `patches_replace["dit"]` and says which block of how many runs now.
+CONVENTION = ("dit", "block_index", "total_blocks")
+HEAD_ATTRIBUTES = ("num_heads", "heads", "n_heads", "num_attention_heads")
 
-    kind:       the replace-patch name of its blocks: ("double_block", i)
-    container:  the model's ModuleList of those blocks
-    cut:        the token streams cut into contiguous chunks before the stack's first block
-    context:    streams every rank attends to whole (cross-attention keys): never cut
-    segments:   this rank's token counts of the streams the blocks join, in the order the
-                rope table `pe` lists them
-    gather:     after the stack's last block, the block's outputs with the streams the
-                model's code goes on with made whole again; None: they stay cut
+
+def _code_constants(cls: type) -> set[str]:
+    """The string constants in the code of `cls`'s own methods (not nn.Module's), nested
+    functions included."""
+    found: set[str] = set()
+    pending = [value.__code__ for klass in cls.__mro__ if klass not in (torch.nn.Module, object)
+               for value in vars(klass).values() if hasattr(value, "__code__")]
+    while pending:
+        code = pending.pop()
+        for constant in code.co_consts:
+            if isinstance(constant, str):
+                found.add(constant)
+            elif isinstance(constant, types.CodeType):
+                pending.append(constant)
+    return found
+
+
+def attention_heads(model: torch.nn.Module) -> set[int]:
+    """The head counts the model's modules keep (`num_heads`, `heads`, ...)."""
+    return {value for module in model.modules() for name in HEAD_ATTRIBUTES
+            if isinstance(value := getattr(module, name, None), int) and not isinstance(value, bool) and value > 0}
+
+
+def check_model(model: torch.nn.Module, world: int) -> None:
+    """Refuse, before sampling, a model whose forward does not follow ComfyUI's block
+    convention (the sequence is cut in its block patches) or whose heads do not split."""
+    model = getattr(model, "_orig_mod", model)
+    name = type(model).__name__
+    missing = [constant for constant in CONVENTION if constant not in _code_constants(type(model))]
+    if missing:
+        raise ParallelRefusal(
+            f"Parallel Model: {name} cannot be split over devices: its forward does not run its "
+            f"blocks through ComfyUI's block patches saying which block runs "
+            f"(transformer_options['block_index'] and ['total_blocks']), where the sequence is "
+            f"cut and joined. Fix: sample this model on one device.")
+    uneven = sorted(heads for heads in attention_heads(model) if heads % world)
+    if uneven:
+        raise ParallelRefusal(
+            f"Parallel Model: {name} has {uneven[0]} attention heads, which do not divide among "
+            f"{world} devices (Ulysses gives each device whole heads). Fix: use a number of "
+            f"devices that divides {uneven[0]}.")
+    if not any(isinstance(m, torch.nn.ModuleList) and len(m) > 0 for m in model.modules()):
+        raise ParallelRefusal(f"Parallel Model: {name} has no blocks to split.")
+
+
+@dataclass(frozen=True)
+class StackStreams:
+    """The token streams of the block stack running now, by role, with their whole lengths.
+
+    parts:   role -> the lengths of the parts it joins, each cut into chunks on its own ("img"
+             of a stack that runs on the joined sequence: (text, image), as the model's
+             `img_slice` says); every rank holds chunk `rank` of each part, in the same order
+    context: roles every rank holds whole (cross-attention keys: no rope rows)
+    rope:    the lengths of the parts the rope table `pe` lists, in its order; () without one
     """
 
-    kind: str
-    container: str
-    cut: tuple[str, ...]
-    segments: Callable[[dict], tuple[int, ...]]
-    gather: Callable[[dict, dict, Sharding], dict] | None
-    context: tuple[str, ...] = ()
+    parts: dict[str, tuple[int, ...]]
+    context: tuple[str, ...]
+    rope: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class FamilyShards:
-    heads_attribute: str  # where the model keeps its attention heads ("params.num_heads")
-    stacks: tuple[StackShards, ...]
+def stack_streams(args: dict, world: int, first: bool) -> StackStreams:
+    """Which streams of a block's patch arguments `args` are cut, and how, read from ComfyUI's
+    names and the rope table (whole at every block; the streams are whole at the first block,
+    chunks after):
 
-    def heads(self, model: torch.nn.Module) -> int:
-        value: Any = model
-        for part in self.heads_attribute.split("."):
-            value = getattr(value, part)
-        return int(value)
-
-
-def _flux_joint_segments(args: dict) -> tuple[int, ...]:
-    """Flux's single blocks run on cat(txt, img); the model records where the image begins
-    (`transformer_options["img_slice"] = [txt tokens, all tokens]`)."""
-    text, total = args["transformer_options"]["img_slice"]
-    return (text, total - text)
-
-
-def _flux_gather_image(args: dict, out: dict, sharding: Sharding) -> dict:
-    """After the last single block Flux keeps only the image tokens (`img[:, txt_len:]`, with
-    this rank's text length): the image part is gathered, the text part stays as it is."""
-    text = args["transformer_options"]["img_slice"][0]
-    joint = out["img"]
-    return {**out, "img": torch.cat((joint[:, :text], sharding.gather(joint[:, text:])), dim=1)}
-
-
-def _gather_image(args: dict, out: dict, sharding: Sharding) -> dict:
-    return {**out, "img": sharding.gather(out["img"])}
-
-
-FAMILIES: dict[str, FamilyShards] = {
-    # comfy/ldm/flux/model.py: pe = pe_embedder(cat(txt_ids, img_ids)); the double blocks join
-    # cat(txt, img); then the single blocks run on cat(txt, img) (this rank's chunks of each,
-    # so the same rows of pe), and the image tokens are sliced off for the final layer
-    "Flux": FamilyShards("params.num_heads", (
-        StackShards("double_block", "double_blocks", cut=("txt", "img"),
-                    segments=lambda args: (args["txt"].shape[1], args["img"].shape[1]), gather=None),
-        StackShards("single_block", "single_blocks", cut=(), segments=_flux_joint_segments,
-                    gather=_flux_gather_image),
-    )),
-    # comfy/ldm/wan/model.py: self-attention over the image tokens with freqs over them;
-    # cross-attention from the image tokens to the whole text context; the head is per token
-    "WanModel": FamilyShards("num_heads", (
-        StackShards("double_block", "blocks", cut=("img",), segments=lambda args: (args["img"].shape[1],),
-                    gather=_gather_image, context=("txt",)),
-    )),
-}
-
-
-def shards_of(model: torch.nn.Module) -> FamilyShards:
-    """How ComfyUI's diffusion model `model` is cut into shards, or a refusal naming what is supported."""
-    model = getattr(model, "_orig_mod", model)
-    shards = FAMILIES.get(type(model).__name__)
-    if shards is None:
+    - "img" is the stream the stack runs on: cut. Where the model publishes `img_slice` =
+      [text tokens, all tokens] for a stack without "txt", "img" is the joined sequence: its
+      text and image parts are cut apart.
+    - "txt" beside "img" is joined to it in attention when the rope table lists its tokens too
+      (ComfyUI lists the text first: `ids = cat(txt_ids, img_ids)`): cut; when the table lists
+      the image tokens alone, it is cross-attention context: kept whole.
+    """
+    scale = 1 if first else world
+    image = args["img"].shape[1] * scale
+    table = args.get("pe")
+    if "txt" not in args or args["txt"] is None:
+        split = args["transformer_options"].get("img_slice")
+        parts = (split[0], image - split[0]) if split and split[1] == image and 0 < split[0] < image else (image,)
+        if table is not None:
+            _token_axis(table, sum(parts))
+        return StackStreams({"img": parts}, (), parts if table is not None else ())
+    if table is None:
         raise ParallelRefusal(
-            f"Parallel Model: {type(model).__name__} cannot be split over devices yet (supported: "
-            f"{', '.join(sorted(FAMILIES))}). Fix: remove the Parallel Model node for this model.")
-    return shards
+            "Parallel Model: a block takes a text stream and no rope table; whether the text is "
+            "joined to the image in attention or attended across cannot be read. Fix: sample "
+            "this model on one device.")
+    text = args["txt"].shape[1]
+    joint, cross = _axes(table, text * scale + image), _axes(table, image)
+    if len(joint) == 1 and not cross:
+        return StackStreams({"txt": (text * scale,), "img": (image,)}, (), (text * scale, image))
+    if len(cross) == 1 and not joint:
+        return StackStreams({"img": (image,)}, ("txt",), (image,))
+    raise ParallelRefusal(
+        f"Parallel Model: the rope table of shape {tuple(table.shape)} has no single token axis "
+        f"of {image} image (+ {text * scale} text) rows; this model cannot be split.")
 
 
-def check_model(model: torch.nn.Module, world: int) -> FamilyShards:
-    """Refuse, before sampling, a model whose heads or stacks cannot be split over `world`."""
-    shards = shards_of(model)
-    model = getattr(model, "_orig_mod", model)
-    heads = shards.heads(model)
-    if heads % world:
+def _axes(table: torch.Tensor, rows: int) -> list[int]:
+    return [axis for axis in range(1, table.ndim) if table.shape[axis] == rows]
+
+
+def _rows(tensor: torch.Tensor, axis: int, start: int, stop: int) -> torch.Tensor:
+    return tensor[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def _token_axis(table: torch.Tensor, rows: int) -> int:
+    axes = _axes(table, rows)
+    if len(axes) != 1:
         raise ParallelRefusal(
-            f"Parallel Model: {type(model).__name__} has {heads} attention heads, which do not "
-            f"divide among {world} devices (Ulysses gives each device whole heads). Fix: use a "
-            f"number of devices that divides {heads}.")
-    for stack in shards.stacks:
-        if len(getattr(model, stack.container, ())) < 1:
-            raise ParallelRefusal(f"Parallel Model: {type(model).__name__} has no "
-                                  f"`{stack.container}` blocks to split.")
-    return shards
+            f"Parallel Model: the rope table of shape {tuple(table.shape)} has no single token "
+            f"axis of {rows} rows; this model cannot be split.")
+    return axes[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,39 +233,33 @@ class Sharding:
                 f"{self.world}.")
         return length // self.world
 
-    def shard(self, tensor: torch.Tensor, role: str) -> torch.Tensor:
-        """Chunk `rank` of the tokens (dim 1) of `tensor`."""
-        size = self.local_length(tensor.shape[1], role)
-        return tensor.narrow(1, self.rank * size, size)
-
-    def shard_rope(self, table: torch.Tensor, local: tuple[int, ...]) -> torch.Tensor:
-        """The rope table's rows for this rank's tokens: per joined stream (`local` tokens of
-        it here, in the table's order), chunk `rank` of its rows."""
-        lengths = tuple(size * self.world for size in local)
-        total = sum(lengths)
-        axes = [axis for axis in range(1, table.ndim) if table.shape[axis] == total]
-        if len(axes) != 1:
-            raise ParallelRefusal(
-                f"Parallel Model: the rope table of shape {tuple(table.shape)} has no single token "
-                f"axis of {total} rows; this model cannot be split.")
+    def shard(self, tensor: torch.Tensor, parts: tuple[int, ...], role: str, axis: int = 1) -> torch.Tensor:
+        """This rank's rows of `tensor` along `axis`: chunk `rank` of each part (`parts`, their
+        whole lengths, in order), joined. Cut with slices and `cat`, which wavepass's stream
+        tracing follows (`find_streams`): a stream cut between two stacks still continues the
+        first block's output, and the stacks are cached as one region, as on one device."""
         pieces, start = [], 0
-        for length in lengths:
-            size = length // self.world
-            pieces.append(table.narrow(axes[0], start + self.rank * size, size))
+        for length in parts:
+            size = self.local_length(length, role)
+            pieces.append(_rows(tensor, axis, start + self.rank * size, start + (self.rank + 1) * size))
             start += length
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axes[0])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The whole stream (dim 1) from every rank's chunk, in rank order. This rank's chunk
-        is `tensor` itself, not its copy from the all-gather: the same values, and the cached
-        program can follow the model's output back to the blocks through it."""
+    def gather(self, tensor: torch.Tensor, parts: tuple[int, ...]) -> torch.Tensor:
+        """The whole stream (dim 1) from every rank's chunks of its `parts`, each part in rank
+        order. This rank's chunks are slices of `tensor` itself, not copies from the all-gather:
+        the same values, and the cached program can follow a stream back to the blocks through
+        them."""
         local = tensor.contiguous()
         gathered = torch.empty((self.world * local.shape[0], *local.shape[1:]), dtype=local.dtype,
                                device=local.device)
         dist.all_gather_into_tensor(gathered, local)
-        chunks = list(gathered.unflatten(0, (self.world, local.shape[0])).unbind(0))
-        chunks[self.rank] = tensor
-        return torch.cat(chunks, dim=1)
+        ranks = list(gathered.unflatten(0, (self.world, local.shape[0])).unbind(0))
+        sizes = [length // self.world for length in parts]
+        starts = [sum(sizes[:part]) for part in range(len(parts))]
+        pieces = [tensor[:, start:start + size] if rank == self.rank else ranks[rank][:, start:start + size]
+                  for start, size in zip(starts, sizes) for rank in range(self.world)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def _tokens_to_heads(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H, S/N, d] on each rank -> [B, H/N, S, d] (heads group `rank`, every rank's tokens)."""
@@ -279,51 +298,56 @@ class Sharding:
         return out.transpose(1, 2).flatten(2)
 
 
-def block_patches(shards: FamilyShards, model: torch.nn.Module, sharding: Sharding) -> dict:
-    """{(kind, i): replace patch} for every block of every stack: the first cuts the stack's
-    streams, every block gets its rows of the rope table, the last gathers."""
-    model = getattr(model, "_orig_mod", model)
-    patches = {}
-    for stack in shards.stacks:
-        last = len(getattr(model, stack.container)) - 1
-        for index in range(last + 1):
-            patches[(stack.kind, index)] = _block_patch(stack, index == 0, index == last, sharding)
-    return patches
-
-
-def _block_patch(stack: StackShards, first: bool, last: bool, sharding: Sharding):
+def block_patch(sharding: Sharding):
+    """ComfyUI's block-replace patch for every block of every stack: the stack's streams are
+    cut before its first block (`block_index` 0), every block gets its rows of the rope table,
+    and the streams are made whole after its last (`total_blocks` - 1), so that the model's
+    code between and after its stacks sees whole streams, as on one device."""
     def patch(args: dict, extra: dict) -> dict:
-        args = dict(args)
-        if args.get("attn_mask") is not None:
-            raise ParallelRefusal(MASK_REFUSAL)
+        options = args.get("transformer_options") or {}
+        if "block_index" not in options or "total_blocks" not in options:
+            raise ParallelRefusal("Parallel Model: a block ran without saying which block of how many "
+                                  "(transformer_options['block_index'], ['total_blocks']); this model "
+                                  "cannot be split. Fix: sample it on one device.")
+        first, last = options["block_index"] == 0, options["block_index"] == options["total_blocks"] - 1
         vec = args.get("vec")
         if isinstance(vec, torch.Tensor) and vec.ndim >= 3 and vec.shape[1] != 1:
             raise ParallelRefusal("Parallel Model: per-token modulation (e.g. Wan 2.2 5B) is not "
                                   "split yet. Fix: sample this model on one device.")
+        streams = stack_streams(args, sharding.world, first)
+        args = dict(args)
         if first:
-            for role in stack.cut:
-                args[role] = sharding.shard(args[role], role)
-            local = sum(args[role].shape[1] for role in stack.cut)
-            for role in stack.context:
+            for role, parts in streams.parts.items():
+                args[role] = sharding.shard(args[role], parts, role)
+            local = args["img"].shape[1]
+            for role in streams.context:
                 if args[role].shape[1] == local:  # self and cross attention would look alike
                     raise ParallelRefusal(
                         f"Parallel Model: the `{role}` stream has as many tokens ({local}) as each "
                         f"device's share of the image; attention cannot tell them apart. Fix: "
                         f"change the resolution or the number of devices.")
-        if args.get("pe") is not None:
-            args["pe"] = sharding.shard_rope(args["pe"], stack.segments(args))
+        if streams.rope:
+            table = args["pe"]
+            args["pe"] = sharding.shard(table, streams.rope, "pe", _token_axis(table, sum(streams.rope)))
         out = extra["original_block"](args)
-        return stack.gather(args, out, sharding) if last and stack.gather is not None else out
+        if not last:
+            return out
+        return {role: sharding.gather(value, streams.parts[role]) if role in streams.parts else value
+                for role, value in out.items()}
 
     return patch
 
 
 def install_sharding(patcher, rank: int, world: int) -> None:
-    """Put this rank's block patches and Ulysses attention on `patcher` (a ModelPatcher)."""
+    """Put this rank's block patch (on every block index of both of ComfyUI's block kinds) and
+    Ulysses attention on `patcher` (a ModelPatcher)."""
     model = patcher.get_model_object("diffusion_model")
     sharding = Sharding(rank, world)
-    for (kind, index), patch in block_patches(shards_of(model), model, sharding).items():
-        patcher.set_model_patch_replace(patch, "dit", kind, index)
+    patch = block_patch(sharding)
+    blocks = max(len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    for kind in ("double_block", "single_block"):
+        for index in range(blocks):
+            patcher.set_model_patch_replace(patch, "dit", kind, index)
     patcher.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = sharding.attention
 
 
