@@ -450,6 +450,51 @@ def test_unsafe_cut_warns_and_stays_correct():
     assert (stats.calls, stats.hits) == (3, 0) and "write in place into" in stats.reason
 
 
+class Residual(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU(), torch.nn.Linear(width, width))
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+class TwoWidths(torch.nn.Module):
+    """Two stacks joined by a projection to another width: nothing leads from the second
+    stack's output back to a first-block output of the first (no residual path, no
+    concatenation, no value of its shape), so the region of both cannot be cut; one stack can."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.widen, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.narrow = torch.nn.ModuleList(Residual(8) for _ in range(3))
+        self.wide = torch.nn.ModuleList(Residual(16) for _ in range(3))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.narrow:
+            x = block(x)
+        x = self.widen(x)
+        for block in self.wide:
+            x = block(x)
+        return self.out(x)
+
+
+def test_a_smaller_region_is_cached_and_said_where_the_larger_cannot_be_cut(caplog):
+    torch.manual_seed(0)
+    model = TwoWidths().eval()
+    c = compiled(model, residual_diff_threshold=0.0, compiler="eager")
+    with caplog.at_level("INFO", logger="wavepass"):
+        for _ in range(2):
+            x = torch.randn(2, 8)
+            torch.testing.assert_close(c(x), model(x))
+    assert wavepass.stats(model).reason is None
+    cached = programs_of(model)[0].blocks
+    assert cached in (tuple(f"narrow.{i}" for i in range(3)), tuple(f"wide.{i}" for i in range(3)))
+    assert "not the larger region narrow[3 x Residual], wide[3 x Residual]" in caplog.text
+    assert "continues no first-block output" in caplog.text
+
+
 @pytest.mark.parametrize("compiler", ["eager", "inductor"])
 @pytest.mark.parametrize("where", ["prologue", "block"])
 def test_graph_breaks_stay_correct(compiler, where):

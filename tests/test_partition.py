@@ -258,7 +258,7 @@ DRIFTS = ((0.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.05, 0.0, 0.0), (0.0, 0.0, 0.02), 
 
 def first_partition(spec: Spec):
     model = Denoiser(spec).eval()
-    return _first_partition(traced(model, *calls(spec, ())[0]))
+    return _first_partition(traced(model, *calls(spec, ())[0]))[0]
 
 
 @pytest.mark.parametrize("spec", [FLUX_TEXT_LONGER, BOTH_STREAMS_OUT], ids=["joined", "both streams out"])

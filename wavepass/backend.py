@@ -20,6 +20,7 @@ so they never need another compile.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ from .runtime import CachedProgram, UncachedProgram, Wiring, watched_module
 from .stack_cache import FragmentProgram, adopt
 from .torch_api import core_unavailable_reason, enabled
 
+log = logging.getLogger("wavepass")
+
 
 def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
               mode: str | None = None) -> Any:
@@ -57,7 +60,7 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     if stack is not None:
         return _fragment(gm, example_inputs, opts, mode, stack)
     try:
-        part = _first_partition(gm)
+        part, larger = _first_partition(gm)
     except NoRepeatedBlocks as exc:
         return _uncached(gm, example_inputs, opts, mode, frame_outside(watched_module()) or str(exc))
     except CannotCache as exc:
@@ -67,10 +70,11 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
         [(name, piece.gm, [example_value(n) for n in piece.inputs])
          for piece, name in ((part.head, "head"), (part.rest, "rest"), (part.tail, "tail"))],
         opts, mode)
-    description = (f"blocks {part.region.describe()}, {len(part.streams)} cached stream(s), "
-                   f"decided on `{part.signal_source.name}`")
+    log.info("wavespeed: caching blocks %s, %d stream(s), decided on `%s`%s", part.region.describe(),
+             len(part.streams), part.signal_source.name,
+             "".join(f"; not the larger region {region} ({reason})" for region, reason in larger))
     blocks = tuple(block.path for block in part.region.blocks)
-    return CachedProgram(head, rest, tail, wiring, opts.settings, blocks, description,
+    return CachedProgram(head, rest, tail, wiring, opts.settings, blocks,
                          stores_copies=compiler_for(opts, mode).records_cuda_graphs, reduce=decision_reducer(gm))
 
 
@@ -97,17 +101,18 @@ def _parameter_slots(example_inputs: Sequence[Any]) -> tuple[int, ...]:
     return tuple(i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter))
 
 
-def _first_partition(gm: GraphModule) -> CachedPartition:
+def _first_partition(gm: GraphModule) -> tuple[CachedPartition, list[tuple[str, str]]]:
     """Partition the first region `find_blocks` offers (the most cached work first, a bounded
-    number of them) that can be cut correctly; else `CannotCache` with each distinct reason,
-    the most preferred region's first."""
-    reasons = []
+    number of them) that can be cut correctly, with the (region, reason) of each larger one
+    that could not; else `CannotCache` with each distinct reason, the most preferred region's
+    first."""
+    failed: list[tuple[str, str]] = []
     for region in find_blocks(gm):
         try:
-            return partition(gm, region)
+            return partition(gm, region), failed
         except CannotCache as exc:
-            reasons.append(str(exc))
-    raise CannotCache("; ".join(dict.fromkeys(reasons)))
+            failed.append((region.describe(), str(exc)))
+    raise CannotCache("; ".join(dict.fromkeys(reason for _, reason in failed)))
 
 
 def _wiring(part: CachedPartition, example_inputs: Sequence[Any]) -> Wiring:

@@ -454,7 +454,7 @@ class CachedProgram(DecidingProgram):
     """The callable the `wavespeed` backend returns to Dynamo for a graph with blocks."""
 
     def __init__(self, head: Callable, rest: Callable, tail: Callable, wiring: Wiring,
-                 defaults: CacheSettings, blocks: tuple[str, ...], description: str,
+                 defaults: CacheSettings, blocks: tuple[str, ...],
                  stores_copies: bool = False,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__(wiring.parameters, defaults, reduce)
@@ -466,7 +466,6 @@ class CachedProgram(DecidingProgram):
         self._wiring = wiring
         self._head_args, self._rest_args, self._tail_args = map(_picker, (wiring.head_in, wiring.rest_in, wiring.tail_in))
         self._activations_of = _picker(wiring.activations)
-        self.description = description
 
     def __call__(self, *args: Any) -> Any:
         w = self._wiring
