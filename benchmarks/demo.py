@@ -20,7 +20,9 @@ How it measures, so that its figures can be trusted on a shared machine: every c
 runs with the same number of intra-op threads (`--threads`), and the measured runs take turns
 (eager, inductor, wavespeed, eager, ...), so a burst of load elsewhere hits every
 configuration alike instead of one. Where one configuration's repeats still spread by more
-than `NOISE_BOUND` (max - min over median), the machine was too busy for its figures: the
+than `NOISE_BOUND` (their interquartile range over their median: one stray run, a page fault
+or a timer tick in a 0.3 s run, does not count; a busy machine, which slows half the runs,
+does), the machine was too busy for its figures: the
 demo says so, prints no speed-up it cannot stand behind, and marks the JSON
 (`"trustworthy": false`).
 
@@ -59,7 +61,7 @@ TEXT_TOKENS = 16
 CHANNELS = 16
 TEXT_DIM = 64
 POOLED_DIM = 32
-NOISE_BOUND = 0.25  # the most (max - min) / median a configuration's repeats may spread
+NOISE_BOUND = 0.25  # the most (q3 - q1) / median a configuration's repeats may spread
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Result:
     ms_per_step: float
     latent: torch.Tensor
     runs_s: list[float]  # the measured runs, in the order they ran
-    spread: float  # (max - min) / median of the measured runs
+    spread: float  # interquartile range / median of the measured runs
     hits: str = "-"
 
 
@@ -177,6 +179,13 @@ class Config:
     first_run_s: float = 0.0
 
 
+def _interquartile(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q3 - q1
+
+
 def measure(configs, inputs, args):
     """A first run of each configuration (compiles, if compiled), then `args.repeats` rounds
     in which every configuration runs once, in turn."""
@@ -192,7 +201,7 @@ def measure(configs, inputs, args):
     results = []
     for config in configs:
         median = statistics.median(times[config.name])
-        spread = (max(times[config.name]) - min(times[config.name])) / median
+        spread = _interquartile(times[config.name]) / median
         results.append(Result(config.name, config.first_run_s, median / args.steps * 1e3,
                               latents[config.name], times[config.name], spread))
     return results
