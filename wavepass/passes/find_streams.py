@@ -40,7 +40,7 @@ one decides. Nothing here changes the graph.
 from __future__ import annotations
 
 import operator
-from collections.abc import Collection, Sequence, Set
+from collections.abc import Callable, Collection, Sequence, Set
 from typing import NamedTuple
 
 import torch
@@ -86,21 +86,15 @@ def trace_stream(value: Node, candidates: Collection[Node], within: Set[Node]) -
     """
     order = {node: i for i, node in enumerate(value.graph.nodes)}
     found: set[Node] = set()
-    seen: set[tuple[Node, tuple | None]] = set()
-    todo: list[tuple[Node, _Region | None]] = [(value, None)]
     wanted = set(candidates)
-    while todo:
-        node, region = todo.pop()
-        key = (node, _hashable(region))
-        if key in seen:
-            continue
-        seen.add(key)
+
+    def ends_at(node: Node, region: _Region | None) -> bool:
         if node in wanted and region is None:
             found.add(node)
-            continue
-        if node not in within:
-            continue
-        todo.extend(_identity_sources(node, region))
+            return True
+        return node not in within
+
+    _walk_back([(value, None)], _identity_sources, ends_at)
     return max(found, key=order.__getitem__, default=None)
 
 
@@ -152,19 +146,32 @@ def read_regions(output: Node, values: Set[Node], within: Set[Node]) -> dict[Nod
     are left out.
     """
     found: dict[Node, dict[tuple | None, _Region | None]] = {}
+
+    def ends_at(node: Node, region: _Region | None) -> bool:
+        if node in values:
+            found.setdefault(node, {})[_hashable(region)] = region
+            return True
+        return node not in within
+
+    _walk_back([(n, None) for n in output.all_input_nodes if carries_data(n)], _region_sources, ends_at)
+    return {node: list(regions.values()) for node, regions in found.items()}
+
+
+def _walk_back(start: list[tuple[Node, _Region | None]],
+               sources: Callable[[Node, _Region | None], list[tuple[Node, _Region | None]]],
+               ends_at: Callable[[Node, _Region | None], bool]) -> None:
+    """Visit every (value, region) reachable from `start` through `sources`, each once,
+    going no further from those where `ends_at` is true."""
     seen: set[tuple[Node, tuple | None]] = set()
-    todo: list[tuple[Node, _Region | None]] = [(n, None) for n in output.all_input_nodes if carries_data(n)]
+    todo = list(start)
     while todo:
         node, region = todo.pop()
         key = (node, _hashable(region))
         if key in seen:
             continue
         seen.add(key)
-        if node in values:
-            found.setdefault(node, {})[key[1]] = region
-        elif node in within:
-            todo.extend(_region_sources(node, region))
-    return {node: list(regions.values()) for node, regions in found.items()}
+        if not ends_at(node, region):
+            todo.extend(sources(node, region))
 
 
 def parts_read(parts: Sequence[Node], dim: int, region: _Region | None) -> list[Node]:
