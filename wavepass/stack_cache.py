@@ -104,6 +104,17 @@ class _Streams:
 
 
 @dataclass
+class _FirstArguments:
+    """What a generation's first call keeps of block 0's arguments, to learn the streams at
+    block 1: the positions of those the owner holds (in the order of its variables), and
+    copies of the tensors (of the main stream's alone, once the streams are known: the
+    signal's base)."""
+
+    held: tuple[int, ...] = ()
+    copies: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
 class _Call:
     """A model call in progress, from block 0's return to the last block's."""
 
@@ -114,10 +125,7 @@ class _Call:
     rebuild: Callable[[list[Any]], Any]  # block outputs of that structure from their leaves
     first: list[torch.Tensor]  # computing: copies of block 0's outputs; skipping: the results
     previous: list[torch.Tensor]  # (computing) the outputs of the block that ran last
-    # (a generation's first call) the positions of block 0's arguments the owner holds, in the
-    # order of its variables, and copies of block 0's tensor arguments
-    held: tuple[int, ...] = ()
-    copies: dict[int, torch.Tensor] = field(default_factory=dict)
+    arguments: _FirstArguments  # block 0's (copies dropped once the streams are learnt)
     next: int = 1
 
 
@@ -128,8 +136,7 @@ class _Run:
     state: _StackState
     index: int
     settings: CacheSettings
-    held: tuple[int, ...] = ()  # (block 0, see `_Call`)
-    copies: dict[int, torch.Tensor] = field(default_factory=dict)  # (block 0) its arguments, copied
+    arguments: _FirstArguments = field(default_factory=_FirstArguments)  # (block 0)
 
 
 _PASS = object()  # `_before`: run the block, the cache is not involved
@@ -278,9 +285,9 @@ class StackCache(DecidingProgram):
             else:
                 held = (j for value in owner_variables(self._module()) if isinstance(value, torch.Tensor)
                         for j, x in enumerate(inputs) if x is value)
-                run.held = tuple(dict.fromkeys(held))
+                run.arguments.held = tuple(dict.fromkeys(held))
                 positions = range(len(inputs))
-            run.copies = {j: inputs[j].clone() for j in positions if isinstance(inputs[j], torch.Tensor)}
+            run.arguments.copies = {j: inputs[j].clone() for j in positions if isinstance(inputs[j], torch.Tensor)}
         return run
 
     def _after(self, run: _Run, outputs: Any) -> Any:
@@ -314,11 +321,11 @@ class StackCache(DecidingProgram):
             _tensors(leaves, self.blocks[0])
             streams = state.streams
             if streams is not None:
-                signal = leaves[streams.main_output] - run.copies[streams.main_argument]
+                signal = leaves[streams.main_output] - run.arguments.copies[streams.main_argument]
         skip = self.decide(state, signal, settings)
         learning = state.streams is None
-        call = state.call = _Call(skip, settings, signal, outputs, rebuild, [], leaves, run.held,
-                                  run.copies if learning else {})
+        arguments = run.arguments if learning else _FirstArguments(run.arguments.held)
+        call = state.call = _Call(skip, settings, signal, outputs, rebuild, [], leaves, arguments)
         if not settings.may_skip:
             return
         if not skip:
@@ -342,22 +349,23 @@ class StackCache(DecidingProgram):
             raise Unpairable(f"{second} does not receive output {k} of {first} (the tensor object): the code "
                              f"between the blocks builds new tensors, and of {len(outputs)} streams which "
                              f"continues which cannot be told")
-        held_streams = [j for j in call.held if j in received_at]
+        held = call.arguments.held
+        held_streams = [j for j in held if j in received_at]
         if held_streams:  # the owner's first variable that holds a stream
             main, main_output = held_streams[0], received_at.index(held_streams[0])
         elif len(outputs) == 1 and received_at[0] is not None:  # one stream, the owner holds none
             main, main_output = received_at[0], 0
-        elif len(outputs) == 1 and call.held:  # one stream, which the code between blocks rebuilds
-            main, main_output = call.held[0], 0
+        elif len(outputs) == 1 and held:  # one stream, which the code between blocks rebuilds
+            main, main_output = held[0], 0
         else:
             raise Unpairable(f"the owner's running method holds none of the streams {first} passes to {second}, "
                              f"so which of {len(outputs)} is the image stream cannot be told")
-        base = call.copies.get(main)
+        base = call.arguments.copies.get(main)
         if not isinstance(base, torch.Tensor) or not _alike(outputs[main_output], base):
             raise Unpairable(f"output {main_output} of {first} (shape {tuple(outputs[main_output].shape)}) "
                              f"continues argument {main}, which does not have its shape")
         call.signal = call.first[main_output] - base
-        call.copies = {}
+        call.arguments.copies = {}
         return _Streams(len(inputs), main, main_output, received_at)
 
     def _follow(self, streams: _Streams, call: _Call, index: int, inputs: list[Any]) -> None:
