@@ -484,8 +484,8 @@ def test_split_stack_shards_that_would_disagree_make_one_decision(workers):
     for result in ranks:
         assert result["programs"] == ["StackCache"], result["programs"]
         # (diffusers' context-parallel hook around the forward is a frame of its own here: its
-        # graph holds no blocks and says so, as any graph outside the stack does)
-        assert not [w for w in result["warnings"] if "no stack of repeated blocks" not in w], result["warnings"]
+        # graph holds no blocks, and says nothing, the stack cache running between its calls)
+        assert result["warnings"] == [], result["warnings"]
         np.testing.assert_allclose(result["outputs"], single["outputs"], rtol=1e-4, atol=1e-5)
 
 

@@ -16,6 +16,7 @@ import logging
 import re
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -198,3 +199,14 @@ def test_registering_without_dynamos_registry_says_so_once(without, caplog):
     torch_api.register_backend(lambda gm, inputs: gm, name="wavespeed")
     (line,) = [r.getMessage() for r in caplog.records if "could not register" in r.getMessage()]
     assert "torch_dynamo_backends entry point" in line
+
+
+def test_a_warning_at_import_under_an_error_filter_does_not_make_an_api_missing(tmp_path, monkeypatch):
+    """torch modules warn at import (deprecations); under a caller's `-W error` the import
+    would raise, and wavepass would take Inductor for missing and run uncached."""
+    (tmp_path / "warns_at_import.py").write_text(
+        "import warnings\nwarnings.warn('deprecated', DeprecationWarning)\nvalue = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch_api._lookup("warns_at_import.value") == 1

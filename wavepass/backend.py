@@ -36,7 +36,7 @@ from .passes.errors import CannotCache, NoRepeatedBlocks
 from .passes.find_blocks import find_blocks
 from .passes.fx_facts import example_value
 from .passes.partition import CachedPartition, Piece, partition
-from .pipeline import compile_graph, compile_pieces, plain_fallback
+from .pipeline import compile_graph, compile_pieces, fallback_notice, plain_fallback
 from .runtime import CachedProgram, UncachedProgram, Wiring, watched_module
 from .stack_cache import FragmentProgram, adopt
 from .torch_api import core_unavailable_reason, enabled
@@ -62,7 +62,10 @@ def wavespeed(gm: GraphModule, example_inputs: Sequence[Any], options: dict | No
     try:
         part, larger = _first_partition(gm)
     except NoRepeatedBlocks as exc:
-        return _uncached(gm, example_inputs, opts, mode, frame_outside(watched_module()) or str(exc))
+        outside = frame_outside(watched_module())
+        if outside is not None:
+            return _uncached(gm, example_inputs, opts, mode, outside)
+        return _uncached(gm, example_inputs, opts, mode, str(exc), maybe_a_piece=True)
     except CannotCache as exc:
         return _uncached(gm, example_inputs, opts, mode, str(exc))
     wiring = _wiring(part, example_inputs)
@@ -91,10 +94,14 @@ def _fragment(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions
 
 
 def _uncached(gm: GraphModule, example_inputs: Sequence[Any], opts: CacheOptions, mode: str | None,
-              reason: str) -> UncachedProgram:
-    """The whole graph compiled without the cache, its calls counted with `reason`."""
-    compiled = plain_fallback(gm, example_inputs, opts, mode, reason)
-    return UncachedProgram(compiled, _parameter_slots(example_inputs), reason)
+              reason: str, maybe_a_piece: bool = False) -> UncachedProgram:
+    """The whole graph compiled without the cache, its calls counted with `reason`, said
+    once. `maybe_a_piece`: a graph without blocks may be one piece of a model that another
+    graph caches (the prologue before a graph break, a hook's frame around the model): its
+    reason is said only where no cached program runs between its first two calls."""
+    compiled = plain_fallback(gm, example_inputs, opts, mode, reason, say=not maybe_a_piece)
+    notice = fallback_notice(reason, opts) if maybe_a_piece else None
+    return UncachedProgram(compiled, _parameter_slots(example_inputs), reason, notice)
 
 
 def _parameter_slots(example_inputs: Sequence[Any]) -> tuple[int, ...]:

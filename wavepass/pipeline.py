@@ -22,8 +22,9 @@ compiled whole, as it was cut; Dynamo's restarts of its analysis pass through
 once in each, is compiled once. Counts and times go to `compile_session.py`.
 
 `plain_fallback` is the single exit for graphs the cache cannot handle: it says why, once per
-reason, and compiles the whole graph as `backend="inductor"` would (its blocks still compiled
-once per structure).
+reason (`fallback_notice`; the backend defers it for a graph that may be one piece of a model
+another graph caches), and compiles the whole graph as `backend="inductor"` would (its blocks
+still compiled once per structure).
 """
 
 from __future__ import annotations
@@ -106,11 +107,17 @@ def compile_graph(gm: GraphModule, example_inputs: Sequence[Any], options: Cache
     return compiled
 
 
+def fallback_notice(reason: str, options: CacheOptions) -> str:
+    return (f"wavespeed: {reason}; compiling without First Block Cache ({options.compiler} only), "
+            f"results are unchanged")
+
+
 def plain_fallback(gm: GraphModule, example_inputs: Sequence[Any], options: CacheOptions,
-                   mode: str | None, reason: str) -> Callable[..., Any]:
-    """Compile `gm` without caching, after warning once for this `reason`."""
-    warn_once(f"wavespeed: {reason}; compiling without First Block Cache "
-              f"({options.compiler} only), results are unchanged")
+                   mode: str | None, reason: str, say: bool = True) -> Callable[..., Any]:
+    """Compile `gm` without caching, after warning once for this `reason` (`say`; else the
+    caller says `fallback_notice` when it knows the model runs uncached)."""
+    if say:
+        warn_once(fallback_notice(reason, options))
     return compile_graph(gm, example_inputs, options, mode, name="whole graph (no cache)")
 
 

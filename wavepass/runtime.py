@@ -70,6 +70,9 @@ _sequence = itertools.count()
 _programs: weakref.WeakSet[Program] = weakref.WeakSet()
 # calls of wavepass programs made by this thread, for `watch` to see whether any ran
 _ran = threading.local()
+# `count`: calls of cached programs made by this thread (`UncachedProgram` reads whether any ran
+# between two of its calls: then it is one piece of a model that caches)
+_cached_calls = threading.local()
 _thread = threading.local()  # `key`: this thread's default cache context (see `ContextStates`)
 _watched: ContextVar[torch.nn.Module | None] = ContextVar("wavepass_watched", default=None)
 # per watched module: its calls that reached no wavepass program, and why
@@ -359,19 +362,37 @@ class Program:
 
 
 class UncachedProgram(Program):
-    """A graph compiled without the cache (`reason` says why): counted, never skips."""
+    """A graph compiled without the cache (`reason` says why): counted, never skips.
 
-    def __init__(self, compiled: Callable, parameters: tuple[int, ...], reason: str) -> None:
+    `notice`: words to say once at its second call, unless a cached program ran since its
+    first (then it is one piece of a model that caches, and says nothing); None: nothing left
+    to say (the backend said it when compiling)."""
+
+    def __init__(self, compiled: Callable, parameters: tuple[int, ...], reason: str,
+                 notice: str | None = None) -> None:
         super().__init__(parameters)
         self._compiled = compiled
         self.reason = reason
+        self._notice = notice
+        self._cached_calls_at_first: int | None = None
 
     def __call__(self, *args: Any) -> Any:
         note_call()
+        if self._notice is not None:
+            self._say_if_alone()
         self._switch_owner(args)
         result = self._compiled(*args)
         self._count(False)
         return result
+
+    def _say_if_alone(self) -> None:
+        cached_calls = getattr(_cached_calls, "count", 0)
+        if self._cached_calls_at_first is None:
+            self._cached_calls_at_first = cached_calls
+            return
+        if cached_calls == self._cached_calls_at_first:
+            warn_once(self._notice)
+        self._notice = None
 
 
 class DecidingProgram(Program):
@@ -401,6 +422,7 @@ class DecidingProgram(Program):
     def begin(self, signature: tuple) -> State:
         """The state of this call's cache context, cleared where `signature` is new."""
         note_call()
+        _cached_calls.count = getattr(_cached_calls, "count", 0) + 1
         state = self._states.current()
         if signature != state.signature:
             state.clear()

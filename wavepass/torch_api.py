@@ -79,6 +79,7 @@ import inspect
 import logging
 import threading
 import types
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -248,15 +249,23 @@ def _lookup(path: str) -> Any:
     imported as needed, the rest read as attributes. The one place a torch name is resolved;
     raises ImportError or AttributeError where this torch has no such thing."""
     parts = path.split(".")
-    found: Any = importlib.import_module(parts[0])
+    found: Any = _import(parts[0])
     for index, part in enumerate(parts[1:], start=2):
         try:
             found = getattr(found, part)
         except AttributeError:
             if not isinstance(found, types.ModuleType):
                 raise
-            found = importlib.import_module(".".join(parts[:index]))
+            found = _import(".".join(parts[:index]))
     return found
+
+
+def _import(module: str) -> types.ModuleType:
+    """Import `module` with warnings shown, never raised: a warning a torch module gives at
+    import (a deprecation) under a caller's `-W error` filter does not make it missing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return importlib.import_module(module)
 
 
 def api(name: str) -> Any:
