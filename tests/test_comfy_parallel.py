@@ -11,6 +11,7 @@ rounding: the attention sums in another order).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -154,6 +155,22 @@ def test_a_family_no_rule_was_written_for_decides_as_one(family):
     Qwen-Image (one joint stack) follow it as FLUX does."""
     tiny = comfy_models.build(family)
     assert_as_one_process(tiny, fbcache(tiny.patcher), on_two(fbcache(tiny.patcher)))
+
+
+def test_a_mask_over_the_joined_sequence_is_split_as_one_process_applies_it(flux):
+    """Regional prompting masks FLUX's joint attention over text + image ([b, q, k], as
+    attention-couple nodes set it in the conditioning): every rank takes the mask's rows and
+    columns in the order Ulysses gathers the tokens, and its run equals one process's."""
+    latent = flux.latent()["samples"]
+    tokens = flux.positive[0][0].shape[1] + (latent.shape[2] // 2) * (latent.shape[3] // 2)
+    mask = -4.0 * torch.rand(1, tokens, tokens, generator=torch.Generator().manual_seed(3))
+    cond, extra = flux.positive[0]
+    masked = dataclasses.replace(flux, positive=[[cond, {**extra, "attention_mask": mask,
+                                                         "attention_mask_img_shape": (latent.shape[2] // 2,
+                                                                                      latent.shape[3] // 2)}]])
+    assert_as_one_process(masked, fbcache(flux.patcher), on_two(fbcache(flux.patcher)))
+    unmasked, _ = sample(flux, fbcache(flux.patcher))
+    assert (sample(masked, fbcache(flux.patcher))[0] - unmasked).abs().max() > 1e-2  # the mask mattered
 
 
 def test_without_wavespeed_nodes_the_parallel_model_equals_one_process(flux):

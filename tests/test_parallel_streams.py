@@ -111,3 +111,32 @@ def test_every_ranks_chunks_gather_to_the_whole_stream(world, parts, rank):
 def test_a_part_that_does_not_divide_is_refused_naming_the_stream():
     with pytest.raises(ParallelRefusal, match="`txt` stream has 5 tokens"):
         Sharding(0, 2).shard(torch.randn(1, 5, 3), (5,), "txt")
+
+
+@settings(max_examples=30, deadline=None)
+@given(world=st.sampled_from([1, 2, 4]), parts=st.lists(st.integers(1, 3), min_size=1, max_size=2),
+       rank=st.data(), layout=st.sampled_from(["k", "qk", "bqk", "b1qk", "bhqk", "b11k"]))
+def test_a_mask_is_put_in_the_order_ulysses_gathers_the_tokens(world, parts, rank, layout):
+    """Ulysses hands attention every rank's chunks, rank after rank: the mask's rows and
+    columns follow, as the chunks `Sharding.shard` cuts from the positions say."""
+    sequence = tuple(part * world for part in parts)
+    total, heads = sum(sequence), 2 * world
+    positions = torch.arange(total).reshape(1, total)
+    gathered = torch.cat([Sharding(r, world).shard(positions, sequence, "img")[0] for r in range(world)])
+    shapes = {"k": (total,), "qk": (total, total), "bqk": (1, total, total), "b1qk": (1, 1, total, total),
+              "bhqk": (1, heads, total, total), "b11k": (1, 1, 1, total)}
+    mask = torch.randn(shapes[layout])
+    me = rank.draw(st.integers(0, world - 1))
+    expected = mask.index_select(-1, gathered)
+    if layout not in ("k", "b11k"):
+        expected = expected.index_select(-2, gathered)
+    if layout == "bhqk":
+        expected = expected[:, me * 2:(me + 1) * 2]
+    assert torch.equal(Sharding(me, world)._ulysses_mask(mask, sequence, heads), expected)
+
+
+def test_a_mask_that_does_not_span_the_sequence_is_refused():
+    with pytest.raises(ParallelRefusal, match="does not span the whole joined sequence"):
+        Sharding(0, 2)._ulysses_mask(torch.randn(1, 6, 6), (4, 4), 2)
+    with pytest.raises(ParallelRefusal, match="does not span"):
+        Sharding(0, 2)._ulysses_mask(torch.randn(8), None, 2)  # a block that did not say its sequence

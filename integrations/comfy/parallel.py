@@ -39,9 +39,11 @@ forwards publish around every block: the streams by role, which block of how man
 (`block_index`, `total_blocks`: each stack is cut before its first block and made whole after
 its last), where a joined sequence's image begins (`img_slice`), and whether the text is joined
 to the image (the rope table lists its tokens) or attended across (it does not). A model whose
-forward does not publish these is refused before sampling (`check_model`); token counts that
-do not divide by N, attention masks, per-token modulation and heads that do not divide by N
-are refused with the reason and the fix.
+forward does not publish these is refused before sampling (`check_model`). An attention mask
+over the whole joined sequence (regional prompting) is put in the order Ulysses gathers the
+tokens (the block patch tells attention the sequence's parts); token counts that do not divide
+by N, masks of another extent, per-token modulation and heads that do not divide by N are
+refused with the reason and the fix.
 """
 
 from __future__ import annotations
@@ -214,8 +216,12 @@ def _token_axis(table: torch.Tensor, rows: int) -> int:
 # Shards, gathers and Ulysses attention (run by every rank, traced by Dynamo)
 # ---------------------------------------------------------------------------------------------
 
-MASK_REFUSAL = ("Parallel Model: an attention mask cannot be split over devices. Fix: sample "
-                "without the mask (or on one device).")
+MASK_REFUSAL = ("Parallel Model: an attention mask that does not span the whole joined sequence "
+                "(its last axis: keys, the one before: queries, or one row) cannot be split over "
+                "devices. Fix: sample without the mask (or on one device).")
+# transformer_options entry the block patch sets for the block it runs: the whole lengths of the
+# parts of the sequence its attention joins, in order (the Ulysses order of a mask's rows)
+SEQUENCE = "wavepass_parallel_sequence"
 
 
 class Sharding:
@@ -281,13 +287,21 @@ class Sharding:
     def attention(self, attention, q, k, v, heads, *args, **kwargs):
         """ComfyUI's `optimized_attention_override`: Ulysses where the keys are this rank's
         tokens (self- and joint attention), plain attention where they are a whole stream that
-        every rank holds (cross-attention to the text)."""
+        every rank holds (cross-attention to the text). A mask over the whole joined sequence
+        is put in Ulysses' order, and cut to this rank's heads."""
         skip_reshape = kwargs.get("skip_reshape", False)
         token_axis = 2 if skip_reshape else 1
         if k.shape[token_axis] != q.shape[token_axis]:
             return attention(q, k, v, heads, *args, **kwargs)
-        if kwargs.get("mask") is not None or (args and args[0] is not None):
-            raise ParallelRefusal(MASK_REFUSAL)
+        args, kwargs = list(args), dict(kwargs)
+        mask = args[0] if args else kwargs.get("mask")
+        if mask is not None:
+            sequence = (kwargs.get("transformer_options") or {}).get(SEQUENCE)
+            mask = self._ulysses_mask(mask, sequence, heads)
+            if args:
+                args[0] = mask
+            else:
+                kwargs["mask"] = mask
         if not skip_reshape:  # [B, S, H*d] -> [B, H, S, d]
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         q, k, v = (self._tokens_to_heads(t) for t in (q, k, v))
@@ -296,6 +310,35 @@ class Sharding:
         if kwargs.get("skip_output_reshape", False):
             return out
         return out.transpose(1, 2).flatten(2)
+
+
+    def _ulysses_mask(self, mask: torch.Tensor, sequence: tuple[int, ...] | None, heads: int) -> torch.Tensor:
+        """`mask` over the whole joined sequence in the model's order (its parts, `sequence`,
+        one after another) -> in the order Ulysses gathers it (every rank's chunks of every
+        part, rank after rank), on its key axis (the last) and its query axis (the one before,
+        unless a single row), cut to this rank's heads where it has an axis of `heads`.
+        Layouts as ComfyUI's attention reads them: [k] [q, k] [B, q, k] [B, H or 1, q, k]."""
+        total = sum(sequence) if sequence else None
+        if total is None or mask.shape[-1] != total or (mask.ndim >= 2 and mask.shape[-2] not in (1, total)):
+            raise ParallelRefusal(MASK_REFUSAL)
+        order = self.ulysses_order(sequence, mask.device)
+        mask = mask.index_select(-1, order)
+        if mask.ndim >= 2 and mask.shape[-2] == total:
+            mask = mask.index_select(-2, order)
+        if mask.ndim == 4 and mask.shape[1] == heads and heads > 1:
+            size = heads // self.world
+            mask = mask[:, self.rank * size:(self.rank + 1) * size]
+        return mask
+
+    def ulysses_order(self, sequence: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Positions in the model's sequence (its parts one after another) of the tokens as
+        Ulysses gathers them: rank 0's chunk of each part, then rank 1's, ..."""
+        positions, starts = [], [sum(sequence[:part]) for part in range(len(sequence))]
+        for rank in range(self.world):
+            for start, length in zip(starts, sequence):
+                size = length // self.world
+                positions.append(torch.arange(start + rank * size, start + (rank + 1) * size, device=device))
+        return torch.cat(positions)
 
 
 def block_patch(sharding: Sharding):
@@ -329,6 +372,7 @@ def block_patch(sharding: Sharding):
         if streams.rope:
             table = args["pe"]
             args["pe"] = sharding.shard(table, streams.rope, "pe", _token_axis(table, sum(streams.rope)))
+        args["transformer_options"] = {**options, SEQUENCE: streams.rope or streams.parts["img"]}
         out = extra["original_block"](args)
         if not last:
             return out
