@@ -260,3 +260,15 @@ def load_extra_nodes():
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     _extra_nodes_loaded = True
     return nodes
+
+
+def load_with_a_failing_compiler():
+    """load(), then make every wavespeed compile raise (a test stand-in for an Inductor
+    failure in one process of a Parallel Model run: the worker processes run this setup)."""
+    load()
+    import wavepass.backend
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("simulated Inductor failure")
+
+    wavepass.backend.compile_pieces = failing

@@ -144,6 +144,27 @@ def test_flux_on_two_processes_decides_as_one(flux):
     assert compiled_graphs() == graphs
 
 
+def test_new_resolutions_compile_in_every_process_as_on_one_device(flux):
+    """A new size compiles in each process what it compiles on one device (Dynamo makes the
+    dimension that changed dynamic), a size seen before nothing, and the worker exactly what
+    rank 0 does."""
+    sizes = [(8, 8), (8, 12), (8, 8), (8, 12)]
+
+    def new_graphs(model, ranks):
+        counts = []
+        for height, width in sizes:
+            ksampler(flux, model, {"samples": torch.zeros(1, 16, height, width)})
+            counts.append([compiled_graphs()] + ([parallel.current_pool().worker_graphs()[1]] if ranks == 2 else []))
+        return [[count - first for count, first in zip(row, counts[0])] for row in counts]
+
+    one = [row[0] for row in new_graphs(fbcache(flux.patcher), 1)]
+    assert one[1] > 0 and one[3] == one[2] == one[1], one
+    torch._dynamo.reset()  # both processes start from nothing compiled: rank 0 here, and a new worker
+    torch._dynamo.utils.counters.clear()
+    parallel.shutdown()
+    assert new_graphs(on_two(fbcache(flux.patcher)), 2) == [[count, count] for count in one]
+
+
 def test_wan_on_two_processes_decides_as_one(wan):
     assert_as_one_process(wan, compile_plus(fbcache(wan.patcher)), compile_plus(fbcache(on_two(wan.patcher))))
 
@@ -308,5 +329,20 @@ def test_a_worker_that_raises_ends_the_run_naming_it_and_its_cause(flux, monkeyp
     with pytest.raises(parallel.ParallelWorkerError,
                        match=r"worker rank 1 \(cpu\) failed: AttributeError: .*no_such_setup"):
         ksampler(flux, on_two(flux.patcher))
+    assert time.monotonic() - started < TIMEOUT_S
+    assert parallel.current_pool() is None
+
+
+def test_a_compile_that_fails_in_one_process_ends_the_run_naming_it(flux, monkeypatch):
+    """One device falls back to the uncompiled model after a compiler failure; a process of a
+    parallel run cannot (the others' compiled program shares a decision it would not): the
+    run ends, naming the worker and the failure, within the group's timeout."""
+    parallel.shutdown()
+    monkeypatch.setattr(parallel, "worker_setup", "comfy_support:load_with_a_failing_compiler")
+    started = time.monotonic()
+    with pytest.raises(parallel.ParallelWorkerError,
+                       match=r"worker rank 1 \(cpu\) failed: ParallelCompileError: .*compiling failed in this process"
+                             r".*simulated Inductor failure.*Fix: sample on one device"):
+        ksampler(flux, on_two(fbcache(flux.patcher)))
     assert time.monotonic() - started < TIMEOUT_S
     assert parallel.current_pool() is None

@@ -319,7 +319,9 @@ class Sharding:
         unless a single row), cut to this rank's heads where it has an axis of `heads`.
         Layouts as ComfyUI's attention reads them: [k] [q, k] [B, q, k] [B, H or 1, q, k]."""
         total = sum(sequence) if sequence else None
-        if total is None or mask.shape[-1] != total or (mask.ndim >= 2 and mask.shape[-2] not in (1, total)):
+        # (no `in (1, total)`: Dynamo answers it for a symbolic total by identity, not value)
+        if total is None or mask.shape[-1] != total or (mask.ndim >= 2 and mask.shape[-2] != 1
+                                                         and mask.shape[-2] != total):
             raise ParallelRefusal(MASK_REFUSAL)
         order = self.ulysses_order(sequence, mask.device)
         mask = mask.index_select(-1, order)
@@ -569,6 +571,11 @@ class Pool:
         self.send(("stats",))
         return self._await("stats", self.spec.timeout_s)
 
+    def worker_graphs(self) -> dict[int, int]:
+        """{rank: the graphs Dynamo compiled in that worker so far} of every worker."""
+        self.send(("graphs",))
+        return self._await("graphs", self.spec.timeout_s)
+
     def close(self) -> None:
         """Stop the workers (asked, then killed) and leave the process group."""
         if self.closed:
@@ -721,6 +728,9 @@ class _Worker:
         module = self.patcher.get_model_object("diffusion_model") if self.patcher else None
         stats = _stats_tuple(wavepass.stats(module)) if module is not None else None
         self.outbox.put(("stats", self.rank, stats))
+
+    def on_graphs(self) -> None:
+        self.outbox.put(("graphs", self.rank, torch._dynamo.utils.counters["stats"]["unique_graphs"]))
 
 
 def _stats_tuple(stats) -> tuple:

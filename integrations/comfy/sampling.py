@@ -240,14 +240,37 @@ def _apply_model_wrapper(settings):
         run = _run.get()
         if run is not None:
             _reset_if_rising(run, module, sigma)
+        compiled = lambda: _compiled_call(executor, module, settings, cache, run, sigma, x, t, *args, **kwargs)  # noqa: E731
+        if settings.get("parallel"):
+            return _compiled_on_every_rank(compiled)
         result, reason = wavepass.call_or_fall_back(
-            module, lambda: _compiled_call(executor, module, settings, cache, run, sigma, x, t, *args, **kwargs),
-            lambda: executor(x, t, *args, **kwargs), failed.get(module), RETRY, _interrupts())
+            module, compiled, lambda: executor(x, t, *args, **kwargs), failed.get(module), RETRY, _interrupts())
         if reason is not None:
             failed[module] = reason
         return result
 
     return apply_model
+
+
+class ParallelCompileError(RuntimeError):
+    """Compiling failed in one process of a Parallel Model run."""
+
+
+def _compiled_on_every_rank(compiled):
+    """A model call of a Parallel Model run: compiled, or an error naming the compiler's
+    failure. No process falls back to the uncompiled model alone: the others would run the
+    compiled program, whose collectives (the shared decision) it would not, and every process
+    would wait for the others until the group's timeout."""
+    try:
+        return compiled()
+    except Exception as error:  # noqa: BLE001 - only the compiler's failures are renamed
+        cause = wavepass.compile_failure(error, _interrupts())
+        if cause is None:
+            raise
+        raise ParallelCompileError(
+            f"wavespeed parallel: compiling failed in this process ({cause}); with several devices a "
+            f"process cannot run the model uncompiled alone. Fix: sample on one device (there the "
+            f"model runs uncompiled after such a failure), or without Compile Model+") from error
 
 
 def _interrupts() -> tuple[type[BaseException], ...]:
