@@ -171,7 +171,7 @@ def test_wan_on_two_processes_decides_as_one(wan):
 
 @pytest.mark.parametrize("family", ["hunyuan_video", "qwen_image"])
 def test_a_family_no_rule_was_written_for_decides_as_one(family):
-    """The cut is read from what ComfyUI's forwards publish (`parallel.stack_streams`), not
+    """The cut is read from what ComfyUI's forwards publish (`sequence_shards.stack_streams`), not
     from a table of classes: HunyuanVideo (double and single stacks, text joined) and
     Qwen-Image (one joint stack) follow it as FLUX does."""
     tiny = comfy_models.build(family)

@@ -1,4 +1,4 @@
-"""`parallel.stack_streams`, `Sharding.shard` and `Sharding.gather` on hand-built block
+"""`sequence_shards.stack_streams`, `Sharding.shard` and `Sharding.gather` on hand-built block
 arguments: which streams a block patch cuts, how, and that every rank's chunks make the whole
 stream again. No processes: the all-gather is a stand-in that returns every rank's chunks (the
 real one runs in tests/test_comfy_parallel.py).
@@ -19,8 +19,8 @@ import comfy_support
 
 comfy_support.require()
 
-from wavepass_comfy import parallel  # noqa: E402
-from wavepass_comfy.parallel import ParallelRefusal, Sharding, StackStreams, stack_streams  # noqa: E402
+from wavepass_comfy import sequence_shards  # noqa: E402
+from wavepass_comfy.sequence_shards import ParallelRefusal, Sharding, StackStreams, stack_streams  # noqa: E402
 
 
 def flux_table(rows: int) -> torch.Tensor:
@@ -104,7 +104,7 @@ def test_every_ranks_chunks_gather_to_the_whole_stream(world, parts, rank):
     assert all(chunk.shape[1] == sum(lengths) // world for chunk in chunks)
     me = rank.draw(st.integers(0, world - 1))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(parallel.dist, "all_gather_into_tensor", AllGather(chunks))
+        patch.setattr(sequence_shards.dist, "all_gather_into_tensor", AllGather(chunks))
         assert torch.equal(Sharding(me, world).gather(chunks[me], lengths), whole)
 
 

@@ -2,7 +2,7 @@
 
     Apply First Block Cache   (WavepassApplyFirstBlockCache)  MODEL -> MODEL
     Compile Model+            (WavepassCompileModelPlus)      MODEL -> MODEL
-    Parallel Model (wavespeed) (WavepassParallelModel)        MODEL -> MODEL (parallel.py)
+    Parallel Model (wavespeed) (WavepassParallelModel)        MODEL -> MODEL (parallel.py, sequence_shards.py)
 
 Each returns a clone of its input MODEL with its settings added (the input is never
 changed). Chained in either order they make one `torch.compile(..., backend="wavespeed")`
@@ -23,7 +23,7 @@ from comfy_api.latest import io
 
 from wavepass import POLICIES
 
-from . import parallel
+from . import parallel, sequence_shards
 from .sampling import install, settings_of
 
 CATEGORY = "wavespeed"
@@ -215,7 +215,7 @@ class ParallelModel(io.ComfyNode):
             raise parallel.ParallelRefusal(
                 f"Parallel Model: the first device must be ComfyUI's own ({own}), where the "
                 f"sampler runs; got {listed[0]}. Fix: list {own} first.")
-        parallel.check_model(model.get_model_object("diffusion_model"), len(listed))
+        sequence_shards.check_model(model.get_model_object("diffusion_model"), len(listed))
         clone = model.clone(disable_dynamic=True)
         settings = settings_of(clone)
         settings["parallel"] = {"devices": list(listed), "backend": parallel.backend_for(listed, backend),
