@@ -132,11 +132,11 @@ def test_a_mask_is_put_in_the_order_ulysses_gathers_the_tokens(world, parts, ran
         expected = expected.index_select(-2, gathered)
     if layout == "bhqk":
         expected = expected[:, me * 2:(me + 1) * 2]
-    assert torch.equal(Sharding(me, world)._ulysses_mask(mask, sequence, heads), expected)
+    assert torch.equal(Sharding(me, world).ulysses_mask(mask, sequence, heads), expected)
 
 
 def test_a_mask_that_does_not_span_the_sequence_is_refused():
     with pytest.raises(ParallelRefusal, match="does not span the whole joined sequence"):
-        Sharding(0, 2)._ulysses_mask(torch.randn(1, 6, 6), (4, 4), 2)
+        Sharding(0, 2).ulysses_mask(torch.randn(1, 6, 6), (4, 4), 2)
     with pytest.raises(ParallelRefusal, match="does not span"):
-        Sharding(0, 2)._ulysses_mask(torch.randn(8), None, 2)  # a block that did not say its sequence
+        Sharding(0, 2).ulysses_mask(torch.randn(8), None, 2)  # a block that did not say its sequence

@@ -260,7 +260,7 @@ class Sharding:
         mask = args[0] if args else kwargs.get("mask")
         if mask is not None:
             sequence = (kwargs.get("transformer_options") or {}).get(SEQUENCE)
-            mask = self._ulysses_mask(mask, sequence, heads)
+            mask = self.ulysses_mask(mask, sequence, heads)
             if args:
                 args[0] = mask
             else:
@@ -275,7 +275,7 @@ class Sharding:
         return out.transpose(1, 2).flatten(2)
 
 
-    def _ulysses_mask(self, mask: torch.Tensor, sequence: tuple[int, ...] | None, heads: int) -> torch.Tensor:
+    def ulysses_mask(self, mask: torch.Tensor, sequence: tuple[int, ...] | None, heads: int) -> torch.Tensor:
         """`mask` over the whole joined sequence in the model's order (its parts, `sequence`,
         one after another) -> in the order Ulysses gathers it (every rank's chunks of every
         part, rank after rank), on its key axis (the last) and its query axis (the one before,
@@ -286,7 +286,7 @@ class Sharding:
         if total is None or mask.shape[-1] != total or (mask.ndim >= 2 and mask.shape[-2] != 1
                                                          and mask.shape[-2] != total):
             raise ParallelRefusal(MASK_REFUSAL)
-        order = self.ulysses_order(sequence, mask.device)
+        order = self._ulysses_order(sequence, mask.device)
         mask = mask.index_select(-1, order)
         if mask.ndim >= 2 and mask.shape[-2] == total:
             mask = mask.index_select(-2, order)
@@ -295,7 +295,7 @@ class Sharding:
             mask = mask[:, self.rank * size:(self.rank + 1) * size]
         return mask
 
-    def ulysses_order(self, sequence: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    def _ulysses_order(self, sequence: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Positions in the model's sequence (its parts one after another) of the tokens as
         Ulysses gathers them: rank 0's chunk of each part, then rank 1's, ..."""
         positions, starts = [], [sum(sequence[:part]) for part in range(len(sequence))]
