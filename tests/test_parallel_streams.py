@@ -140,3 +140,11 @@ def test_a_mask_that_does_not_span_the_sequence_is_refused():
         Sharding(0, 2).ulysses_mask(torch.randn(1, 6, 6), (4, 4), 2)
     with pytest.raises(ParallelRefusal, match="does not span"):
         Sharding(0, 2).ulysses_mask(torch.randn(8), None, 2)  # a block that did not say its sequence
+
+
+def test_heads_that_do_not_divide_are_refused_in_attention_before_any_collective():
+    """For a model whose head count `check_model` could not read: attention refuses before its
+    all-to-all (no process group exists here: a collective would raise another error)."""
+    q = torch.randn(1, 4, 3 * 8)
+    with pytest.raises(ParallelRefusal, match="has 3 attention heads, which do not divide among 2 devices"):
+        Sharding(0, 2).attention(lambda *a, **k: None, q, q, q, 3)

@@ -95,14 +95,20 @@ def check_model(model: torch.nn.Module, world: int) -> None:
             f"blocks through ComfyUI's block patches saying which block runs "
             f"(transformer_options['block_index'] and ['total_blocks']), where the sequence is "
             f"cut and joined. Fix: sample this model on one device.")
-    uneven = sorted(heads for heads in attention_heads(model) if heads % world)
-    if uneven:
-        raise ParallelRefusal(
-            f"Parallel Model: {name} has {uneven[0]} attention heads, which do not divide among "
-            f"{world} devices (Ulysses gives each device whole heads). Fix: use a number of "
-            f"devices that divides {uneven[0]}.")
+    for heads in sorted(attention_heads(model)):
+        heads_per_device(heads, world, name)
     if not any(isinstance(m, torch.nn.ModuleList) and len(m) > 0 for m in model.modules()):
         raise ParallelRefusal(f"Parallel Model: {name} has no blocks to split.")
+
+
+def heads_per_device(heads: int, world: int, model: str = "the model") -> int:
+    """Ulysses gives each device `heads` / `world` whole heads; refused where they do not divide."""
+    if heads % world:
+        raise ParallelRefusal(
+            f"Parallel Model: {model} has {heads} attention heads, which do not divide among "
+            f"{world} devices (Ulysses gives each device whole heads). Fix: use a number of "
+            f"devices that divides {heads}.")
+    return heads // world
 
 
 @dataclass(frozen=True)
@@ -207,12 +213,18 @@ class Sharding:
         whole lengths, in order), joined. Cut with slices and `cat`, which wavepass's stream
         tracing follows (`find_streams`): a stream cut between two stacks still continues the
         first block's output, and the stacks are cached as one region, as on one device."""
-        pieces, start = [], 0
+        pieces = [_rows(tensor, axis, start, stop) for start, stop in self._chunk_rows(parts, self.rank, role)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
+
+    def _chunk_rows(self, parts: tuple[int, ...], rank: int, role: str) -> list[tuple[int, int]]:
+        """(start, stop) in the whole sequence (`parts`, one after another) of `rank`'s chunk
+        of each part."""
+        rows, start = [], 0
         for length in parts:
             size = self.local_length(length, role)
-            pieces.append(_rows(tensor, axis, start + self.rank * size, start + (self.rank + 1) * size))
+            rows.append((start + rank * size, start + (rank + 1) * size))
             start += length
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=axis)
+        return rows
 
     def gather(self, tensor: torch.Tensor, parts: tuple[int, ...]) -> torch.Tensor:
         """The whole stream (dim 1) from every rank's chunks of its `parts`, each part in rank
@@ -265,15 +277,15 @@ class Sharding:
                 args[0] = mask
             else:
                 kwargs["mask"] = mask
+        local_heads = heads_per_device(heads, self.world)  # a model whose heads check_model did not find
         if not skip_reshape:  # [B, S, H*d] -> [B, H, S, d]
             q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
         q, k, v = (self._tokens_to_heads(t) for t in (q, k, v))
         inner = {**kwargs, "skip_reshape": True, "skip_output_reshape": True}
-        out = self._heads_to_tokens(attention(q, k, v, heads // self.world, *args, **inner))
+        out = self._heads_to_tokens(attention(q, k, v, local_heads, *args, **inner))
         if kwargs.get("skip_output_reshape", False):
             return out
         return out.transpose(1, 2).flatten(2)
-
 
     def ulysses_mask(self, mask: torch.Tensor, sequence: tuple[int, ...] | None, heads: int) -> torch.Tensor:
         """`mask` over the whole joined sequence in the model's order (its parts, `sequence`,
@@ -291,19 +303,15 @@ class Sharding:
         if mask.ndim >= 2 and mask.shape[-2] == total:
             mask = mask.index_select(-2, order)
         if mask.ndim == 4 and mask.shape[1] == heads and heads > 1:
-            size = heads // self.world
+            size = heads_per_device(heads, self.world)
             mask = mask[:, self.rank * size:(self.rank + 1) * size]
         return mask
 
     def _ulysses_order(self, sequence: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Positions in the model's sequence (its parts one after another) of the tokens as
         Ulysses gathers them: rank 0's chunk of each part, then rank 1's, ..."""
-        positions, starts = [], [sum(sequence[:part]) for part in range(len(sequence))]
-        for rank in range(self.world):
-            for start, length in zip(starts, sequence):
-                size = length // self.world
-                positions.append(torch.arange(start + rank * size, start + (rank + 1) * size, device=device))
-        return torch.cat(positions)
+        return torch.cat([torch.arange(start, stop, device=device) for rank in range(self.world)
+                          for start, stop in self._chunk_rows(sequence, rank, "attention")])
 
 
 def block_patch(sharding: Sharding):
