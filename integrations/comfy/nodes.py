@@ -183,7 +183,9 @@ class ParallelModel(io.ComfyNode):
             node_id="WavepassParallelModel", display_name="Parallel Model (wavespeed)", category=CATEGORY,
             description="Samples the model on several devices (sequence parallelism: each device "
                         "holds a share of the tokens, attention is Ulysses). Composes with Apply "
-                        "First Block Cache and Compile Model+ in either order. Flux and Wan 2.1.",
+                        "First Block Cache and Compile Model+ in either order. Models whose "
+                        "forward follows ComfyUI's block convention (FLUX.1, Chroma, HunyuanVideo, "
+                        "Qwen-Image, Wan 2.1); others are refused by name.",
             inputs=[
                 io.Model.Input("model"),
                 io.String.Input(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import importlib
-import logging
 import os
 import queue
 import socket
@@ -37,8 +36,6 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from .sequence_shards import ParallelRefusal, install_sharding
-
-log = logging.getLogger("wavepass")
 
 STARTUP_S = 300.0  # a worker's spawn and imports (torch, ComfyUI), on a busy machine
 FAILURE_REPORT_S = 5.0  # how long rank 0 waits for a failed worker's own report
