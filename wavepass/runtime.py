@@ -68,11 +68,10 @@ _step_key: ContextVar[Any] = ContextVar("wavepass_step", default=None)
 _overrides: ContextVar[dict[str, Any]] = ContextVar("wavepass_cache_settings", default={})
 _sequence = itertools.count()
 _programs: weakref.WeakSet[Program] = weakref.WeakSet()
-# calls of wavepass programs made by this thread, for `watch` to see whether any ran
+# calls of wavepass programs made by this thread: `calls` all (for `watch` to see whether any
+# ran), `cached` those of cached programs (`UncachedProgram` reads whether any ran between two of
+# its calls: then it is one piece of a model that caches)
 _ran = threading.local()
-# `count`: calls of cached programs made by this thread (`UncachedProgram` reads whether any ran
-# between two of its calls: then it is one piece of a model that caches)
-_cached_calls = threading.local()
 _thread = threading.local()  # `key`: this thread's default cache context (see `ContextStates`)
 _watched: ContextVar[torch.nn.Module | None] = ContextVar("wavepass_watched", default=None)
 # per watched module: its calls that reached no wavepass program, and why
@@ -159,9 +158,11 @@ def same_step(key: Any) -> Iterator[None]:
         _step_key.reset(token)
 
 
-def note_call() -> None:
-    """Record that a wavepass program ran a call on this thread (for `watch`)."""
+def note_call(cached: bool = False) -> None:
+    """Record that a wavepass program ran a call on this thread (`cached`: one that caches)."""
     _ran.calls = getattr(_ran, "calls", 0) + 1
+    if cached:
+        _ran.cached = getattr(_ran, "cached", 0) + 1
 
 
 class _ThreadContext:
@@ -386,7 +387,7 @@ class UncachedProgram(Program):
         return result
 
     def _say_if_alone(self) -> None:
-        cached_calls = getattr(_cached_calls, "count", 0)
+        cached_calls = getattr(_ran, "cached", 0)
         if self._cached_calls_at_first is None:
             self._cached_calls_at_first = cached_calls
             return
@@ -421,8 +422,7 @@ class DecidingProgram(Program):
 
     def begin(self, signature: tuple) -> State:
         """The state of this call's cache context, cleared where `signature` is new."""
-        note_call()
-        _cached_calls.count = getattr(_cached_calls, "count", 0) + 1
+        note_call(cached=True)
         state = self._states.current()
         if signature != state.signature:
             state.clear()
